@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install EdgeLoop into ./.venv (or $EDGELOOP_VENV) on a fresh machine.
+#   scripts/install.sh [extras]      default extras: server,data
+# Keeps an existing torch (a Jetson or Raspberry Pi ships its own build); otherwise installs
+# the CPU wheel torch==2.13.0. Installs the Fashion-MNIST Debian package when run as root
+# and it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-server,data}"
+VENV="${EDGELOOP_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # --system-site-packages lets a system-wide torch (Jetson wheel) be seen and kept.
+  "$PY" -m venv --system-site-packages "$VENV"
+fi
+VPY="$VENV/bin/python"
+"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+
+if "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "install: keeping existing torch $("$VPY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "install: installing torch==2.13.0 (CPU)"
+  "$VPY" -m pip install -q "torch==2.13.0"
+fi
+
+"$VPY" -m pip install -q -e ".[${EXTRAS}]"
+
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "install: installing Debian package dataset-fashion-mnist"
+  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) \
+    || echo "install: could not install dataset-fashion-mnist; Fashion-MNIST runs will fail with a hint"
+fi
+echo "install: done ($VENV)"

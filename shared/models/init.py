@@ -1,0 +1,58 @@
+"""Seeded weight generation that is bit-identical across machines.
+
+torch's own RNG streams and init functions have changed between releases, so a server and a
+device with different torch builds could disagree on "the weights for seed s". Here every
+tensor is drawn from numpy's PCG64 (whose stream numpy guarantees stable) in float64 and
+rounded once to float32, so the result depends only on (architecture spec, seed).
+
+Limits: the bit stream is stable for numpy >= 1.17 (``Generator`` API); the distributions
+mirror torch's defaults (uniform +-1/sqrt(fan_in) for weights and biases, ones/zeros for norm
+layers), not any other init scheme.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _fan_in(shape: torch.Size) -> int:
+    return int(shape[1] * math.prod(shape[2:])) if len(shape) >= 2 else int(shape[0])
+
+
+@torch.no_grad()
+def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
+    """Overwrite every parameter and buffer of ``model`` deterministically from ``seed``.
+
+    Tensors are visited in ``state_dict`` order, which is fixed by the architecture; each gets
+    its own child stream (``SeedSequence(seed).spawn``) so adding a layer does not shift the
+    values of the layers before it. Returns ``model`` (modified in place).
+    """
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+    state = model.state_dict()
+    streams = np.random.SeedSequence(seed).spawn(len(state))
+    modules = dict(model.named_modules())
+    for (name, tensor), stream in zip(state.items(), streams):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = modules[owner_name]
+        if isinstance(owner, nn.modules.batchnorm._NormBase):
+            fill = {"weight": 1.0, "running_var": 1.0}.get(leaf, 0.0)
+            tensor.fill_(fill)
+            continue
+        if not tensor.is_floating_point():
+            tensor.zero_()
+            continue
+        if leaf == "bias":
+            weight = state[f"{owner_name}.weight"] if owner_name else None
+            fan_in = _fan_in(weight.shape) if weight is not None else tensor.numel()
+        else:
+            fan_in = _fan_in(tensor.shape)
+        bound = 1.0 / math.sqrt(max(fan_in, 1))
+        u = np.random.Generator(np.random.PCG64(stream)).random(tensor.numel())  # [0, 1) float64
+        values = ((2.0 * u - 1.0) * bound).astype(np.float32).reshape(tuple(tensor.shape))
+        tensor.copy_(torch.from_numpy(values))
+    return model
