@@ -1,0 +1,48 @@
+"""Everything a running server holds: settings, database, blobs, notifiers, worker."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.db import migrate
+from server.db.engine import make_engine, make_session_factory, transaction
+from server.domain.rounds import fail_interrupted
+from server.domain.versions import ensure_initial_version
+from server.notifier import Notifier
+from server.settings import ServerSettings
+from server.store.blobs import BlobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerContext:
+    settings: ServerSettings
+    engine: Engine
+    factory: sessionmaker[Session]
+    blobs: BlobStore
+    rounds_wakeup: Notifier = field(default_factory=Notifier)
+    targets_changed: Notifier = field(default_factory=Notifier)
+
+    @classmethod
+    def open(cls, settings: ServerSettings, *, run_migrations: bool = True) -> ServerContext:
+        """Connect, migrate, recover from a crash, and make sure version 0 exists."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url)
+        if run_migrations:
+            migrate.upgrade(engine)
+        ctx = cls(settings, engine, make_session_factory(engine), BlobStore(settings.data_dir / "blobs", fsync=settings.fsync))
+        with transaction(ctx.factory) as s:
+            n = fail_interrupted(s)
+            if n:
+                log.warning("marked %d interrupted rounds as failed", n)
+            v0 = ensure_initial_version(s, ctx.blobs, settings.arch, settings.init_seed)
+            log.info("fleet model %s (version %d)", v0.model_hash[:12], v0.number)
+        return ctx
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,121 @@
+"""ORM tables. Schemas exposed over REST live in server/api/schemas.py, not here."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from server.db.base import Base, utcnow
+
+HASH = String(64)  # hex SHA-256
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hardware_id: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    tags: Mapped[list] = mapped_column(default=list)
+    hardware: Mapped[dict] = mapped_column(default=dict)
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    credential_hash: Mapped[str] = mapped_column(HASH, unique=True)  # SHA-256 of the secret
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+    model_hash: Mapped[str] = mapped_column(String(64), default="")  # what it reports running
+    target_model_hash: Mapped[str] = mapped_column(String(64), default="")  # what it should run
+    active_subnet: Mapped[int] = mapped_column(Integer, default=-1)
+    budget: Mapped[dict] = mapped_column(default=dict)
+    metrics: Mapped[dict] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(32), default="registered")
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    samples_pending: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("device_id", "sample_id", name="uq_samples_device_sample"),
+        Index("ix_samples_label", "label"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    sample_id: Mapped[str] = mapped_column(HASH)  # SHA-256 of the payload = its blob key
+    label: Mapped[int | None] = mapped_column(Integer, default=None)
+    shape: Mapped[list] = mapped_column(default=list)
+    dtype: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict] = mapped_column("metadata", default=dict)
+    captured_at: Mapped[datetime | None] = mapped_column(default=None)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Artefact(Base):
+    """Bytes an agent can download: a full model or a diff (kept in the blob store)."""
+
+    __tablename__ = "artefacts"
+
+    sha256: Mapped[str] = mapped_column(HASH, primary_key=True)
+    encoding: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    base_model_hash: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    target_model_hash: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    model_hash: Mapped[str] = mapped_column(HASH, primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, unique=True)  # 0, 1, 2... in publish order
+    parent_hash: Mapped[str | None] = mapped_column(ForeignKey("model_versions.model_hash"), default=None)
+    arch_json: Mapped[str] = mapped_column(Text)
+    full_artefact_sha256: Mapped[str] = mapped_column(ForeignKey("artefacts.sha256"))
+    round_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    method: Mapped[str] = mapped_column(String(32))  # init, full, dpu...
+    metrics: Mapped[dict] = mapped_column(default=dict)
+    reinit_seed: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # New devices and cohort "all" rounds run the newest fleet-default version.
+    fleet_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    method: Mapped[str] = mapped_column(String(32))
+    cohort: Mapped[dict] = mapped_column(default=dict)
+    params: Mapped[dict] = mapped_column(default=dict)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    progress_message: Mapped[str] = mapped_column(Text, default="")
+    base_model_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    model_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    metrics: Mapped[dict] = mapped_column(default=dict)
+    device_ids: Mapped[list] = mapped_column(default=list)  # the cohort, resolved at publish
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Delivery(Base):
+    """Bytes streamed to one device for one artefact (summed over resumed downloads)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("device_id", "artefact_sha256", name="uq_deliveries_device_artefact"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    artefact_sha256: Mapped[str] = mapped_column(ForeignKey("artefacts.sha256"))
+    target_model_hash: Mapped[str] = mapped_column(String(64), index=True)
+    final_model_hash: Mapped[str] = mapped_column(String(64), index=True)
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    completed: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,162 @@
+"""Device identity, authentication, heartbeats and cohorts."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db.base import utcnow
+from server.db.models import Device, ModelVersion
+from server.domain.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
+
+TAG = re.compile(r"^[a-z0-9._-]{1,64}$")
+MAX_TAGS = 32
+MAX_HARDWARE_FACTS = 64
+MAX_METRICS = 128
+
+
+def credential_hash(credential: str) -> str:
+    """Only the hash of a device credential is stored; the secret exists on the device only."""
+    return hashlib.sha256(credential.encode("utf-8")).hexdigest()
+
+
+def validate_tags(tags: list[str]) -> list[str]:
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgumentError(f"at most {MAX_TAGS} tags, got {len(tags)}")
+    bad = [t for t in tags if not TAG.match(t)]
+    if bad:
+        raise InvalidArgumentError(f"tags must match {TAG.pattern}: {bad[:3]}")
+    return sorted(set(tags))
+
+
+def _clip(value: str, limit: int, field: str) -> str:
+    if len(value) > limit:
+        raise InvalidArgumentError(f"{field} is longer than {limit} characters")
+    return value
+
+
+def default_model_hash(session: Session) -> str:
+    """The version a newly registered device should run: the newest fleet default."""
+    mv = session.scalars(
+        select(ModelVersion).where(ModelVersion.fleet_default.is_(True)).order_by(ModelVersion.number.desc())
+    ).first()
+    return mv.model_hash if mv else ""
+
+
+@dataclass(frozen=True)
+class Registration:
+    device: Device
+    credential: str
+
+
+def register_device(
+    session: Session,
+    *,
+    expected_token: str,
+    enrollment_token: str,
+    hardware_id: str,
+    name: str = "",
+    tags: list[str] | None = None,
+    hardware: dict[str, str] | None = None,
+    agent_version: str = "",
+) -> Registration:
+    """Create a device, or re-issue the credential of the device with this ``hardware_id``."""
+    if not hmac.compare_digest(enrollment_token.encode(), expected_token.encode()):
+        raise UnauthenticatedError("invalid enrollment token")
+    hardware_id = hardware_id.strip()
+    if not hardware_id or len(hardware_id) > 128:
+        raise InvalidArgumentError("hardware_id must be 1 to 128 characters")
+    hardware = dict(hardware or {})
+    if len(hardware) > MAX_HARDWARE_FACTS or any(len(k) > 64 or len(v) > 256 for k, v in hardware.items()):
+        raise InvalidArgumentError(f"hardware: at most {MAX_HARDWARE_FACTS} facts, keys <= 64, values <= 256 chars")
+    tags = validate_tags(list(tags or []))
+    credential = secrets.token_urlsafe(32)
+    device = session.scalars(select(Device).where(Device.hardware_id == hardware_id)).first()
+    if device is None:
+        device = Device(id=uuid.uuid4().hex, hardware_id=hardware_id, target_model_hash=default_model_hash(session))
+        session.add(device)
+    device.name = _clip(name or device.name or hardware_id, 128, "name")
+    device.tags = sorted(set(device.tags or []) | set(tags))
+    device.hardware = hardware
+    device.agent_version = _clip(agent_version, 64, "agent_version")
+    device.credential_hash = credential_hash(credential)  # revokes any previous credential
+    device.revoked = False
+    device.last_seen_at = utcnow()
+    session.flush()
+    return Registration(device, credential)
+
+
+def authenticate(session: Session, credential: str) -> Device:
+    if not credential:
+        raise UnauthenticatedError("missing device credential (metadata 'authorization: Bearer <credential>')")
+    device = session.scalars(select(Device).where(Device.credential_hash == credential_hash(credential))).first()
+    if device is None:
+        raise UnauthenticatedError("unknown device credential")
+    if device.revoked:
+        raise UnauthenticatedError(f"device {device.id} is revoked")
+    return device
+
+
+def record_heartbeat(
+    session: Session,
+    device: Device,
+    *,
+    model_hash: str,
+    active_subnet: int,
+    budget: dict[str, float],
+    metrics: dict[str, float],
+    state: str,
+    last_error: str,
+    samples_pending: int,
+) -> Device:
+    if len(metrics) > MAX_METRICS or any(len(k) > 64 for k in metrics):
+        raise InvalidArgumentError(f"metrics: at most {MAX_METRICS} entries with names <= 64 chars")
+    if model_hash and not re.fullmatch(r"[0-9a-f]{64}", model_hash):
+        raise InvalidArgumentError("model_hash must be empty or 64 lowercase hex characters")
+    device.model_hash = model_hash
+    device.active_subnet = int(active_subnet)
+    device.budget = budget
+    device.metrics = {k: float(v) for k, v in metrics.items()}
+    device.state = _clip(state, 32, "state")
+    device.last_error = _clip(last_error, 4096, "last_error")
+    device.samples_pending = max(0, int(samples_pending))
+    device.last_seen_at = utcnow()
+    return device
+
+
+def get_device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFoundError(f"device {device_id!r} not found")
+    return device
+
+
+def list_devices(session: Session, *, tag: str | None = None, offset: int = 0, limit: int = 100) -> tuple[list[Device], int]:
+    devices = list(session.scalars(select(Device).order_by(Device.created_at, Device.id)))
+    if tag is not None:
+        devices = [d for d in devices if tag in (d.tags or [])]
+    return devices[offset : offset + limit], len(devices)
+
+
+def resolve_cohort(session: Session, cohort: dict) -> list[Device]:
+    """Devices a round targets: ``{"all": true}``, ``{"device_ids": [...]}`` or ``{"tag": "x"}``."""
+    active = [d for d in session.scalars(select(Device).order_by(Device.id)) if not d.revoked]
+    if cohort.get("all"):
+        return active
+    if "device_ids" in cohort:
+        wanted = set(cohort["device_ids"])
+        found = [d for d in active if d.id in wanted]
+        missing = wanted - {d.id for d in found}
+        if missing:
+            raise NotFoundError(f"unknown or revoked devices in cohort: {sorted(missing)[:5]}")
+        return found
+    if "tag" in cohort:
+        return [d for d in active if cohort["tag"] in (d.tags or [])]
+    raise InvalidArgumentError("cohort must be {'all': true}, {'device_ids': [...]} or {'tag': '...'}")

@@ -1,0 +1,193 @@
+"""Sample ingest (validate, store durably, dedupe), counts, labelling, training-set assembly."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from server.db.models import Device, Sample
+from server.domain.errors import InvalidArgumentError, NotFoundError
+from server.store.blobs import BlobStore
+from shared.models import ArchSpec
+from shared.samples import SampleFormatError, decode_sample, sample_id
+
+MAX_META_ENTRIES = 32
+
+
+@dataclass(frozen=True)
+class SampleIn:
+    sample_id: str
+    payload: bytes
+    label: int | None
+    metadata: dict[str, str]
+    captured_at_ms: int = 0
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    committed_ids: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (sample_id, reason)
+
+
+def check_sample(s: SampleIn, arch: ArchSpec, max_bytes: int) -> tuple[str, np.ndarray | None]:
+    """Returns ("", array) for a valid sample, or (reason, None)."""
+    if len(s.payload) > max_bytes:
+        return f"payload of {len(s.payload)} bytes exceeds {max_bytes}", None
+    if sample_id(s.payload) != s.sample_id:
+        return "sample_id is not the SHA-256 of the payload", None
+    try:
+        x = decode_sample(s.payload)
+    except SampleFormatError as exc:
+        return str(exc), None
+    if tuple(x.shape) != arch.input_shape:
+        return f"shape {tuple(x.shape)} does not match the fleet model input {arch.input_shape}", None
+    if s.label is not None and not 0 <= s.label < arch.num_classes:
+        return f"label {s.label} outside [0, {arch.num_classes})", None
+    if len(s.metadata) > MAX_META_ENTRIES or any(len(k) > 64 or len(v) > 256 for k, v in s.metadata.items()):
+        return f"metadata: at most {MAX_META_ENTRIES} entries, keys <= 64, values <= 256 chars", None
+    return "", x
+
+
+def ingest_samples(
+    session: Session, blobs: BlobStore, device: Device, samples: list[SampleIn], *, arch: ArchSpec, max_bytes: int
+) -> IngestResult:
+    """Validate and store samples for ``device``. Blobs are fsynced before the rows are added;
+    the caller's transaction commit makes them visible, and only then may it acknowledge."""
+    result = IngestResult()
+    valid: dict[str, tuple[SampleIn, np.ndarray]] = {}
+    for s in samples:
+        reason, x = check_sample(s, arch, max_bytes)
+        if reason:
+            result.rejected.append((s.sample_id, reason))
+        elif s.sample_id not in valid:
+            valid[s.sample_id] = (s, x)  # type: ignore[assignment]
+    if not valid:
+        return result
+    existing = set(
+        session.scalars(
+            select(Sample.sample_id).where(Sample.device_id == device.id, Sample.sample_id.in_(list(valid)))
+        )
+    )
+    rows = []
+    for sid, (s, x) in valid.items():
+        if sid in existing:
+            result.duplicates += 1
+            continue
+        blobs.put(s.payload, expected_sha256=sid)
+        captured = datetime.fromtimestamp(s.captured_at_ms / 1000, tz=timezone.utc) if s.captured_at_ms > 0 else None
+        rows.append(
+            dict(device_id=device.id, sample_id=sid, label=s.label, shape=list(x.shape), dtype=str(x.dtype),
+                 size=len(s.payload), meta=dict(s.metadata), captured_at=captured)
+        )
+    if rows:
+        dialect = session.get_bind().dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        # A concurrent stream may have inserted the same sample: that is a duplicate, not an error.
+        stmt = insert(Sample).values(rows).on_conflict_do_nothing(index_elements=["device_id", "sample_id"])
+        session.execute(stmt)
+    result.accepted = len(rows)
+    result.committed_ids = list(valid)
+    return result
+
+
+def sample_counts(session: Session) -> list[dict]:
+    """Counts per (device, label); label None = unlabelled."""
+    rows = session.execute(
+        select(Sample.device_id, Sample.label, func.count()).group_by(Sample.device_id, Sample.label)
+    ).all()
+    return [{"device_id": d, "label": label, "count": int(n)} for d, label, n in rows]
+
+
+def label_samples(session: Session, labels: list[tuple[str, str | None, int]], num_classes: int) -> int:
+    """Set labels: ``(sample_id, device_id or None for every device, label)``. Returns rows changed."""
+    changed = 0
+    for sid, device_id, label in labels:
+        if not 0 <= label < num_classes:
+            raise InvalidArgumentError(f"label {label} outside [0, {num_classes})")
+        query = select(Sample).where(Sample.sample_id == sid)
+        if device_id:
+            query = query.where(Sample.device_id == device_id)
+        found = list(session.scalars(query))
+        if not found:
+            raise NotFoundError(f"sample {sid[:16]}... not found")
+        for row in found:
+            row.label = label
+            changed += 1
+    return changed
+
+
+class SampleCache:
+    """Decoded payloads by blob hash, so each round does not re-read every file."""
+
+    def __init__(self, blobs: BlobStore, max_items: int = 500_000) -> None:
+        self.blobs = blobs
+        self.max_items = max_items
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha: str) -> np.ndarray:
+        with self._lock:
+            hit = self._items.get(sha)
+            if hit is not None:
+                self._items.move_to_end(sha)
+                return hit
+        x = decode_sample(self.blobs.get(sha))
+        with self._lock:
+            self._items[sha] = x
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+        return x
+
+
+def is_validation(sample_hash: str, val_fraction: float) -> bool:
+    """A sample's split is a pure function of its content hash: it never moves between rounds."""
+    return int(sample_hash[:8], 16) / 0xFFFFFFFF < val_fraction
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return len(self.y_train) + len(self.y_val)
+
+
+def load_labelled(session: Session, cache: SampleCache, arch: ArchSpec, val_fraction: float) -> LabelledData:
+    """Every labelled sample so far (one copy per distinct content and label), split by hash."""
+    rows = session.execute(
+        select(Sample.sample_id, Sample.label).where(Sample.label.is_not(None)).order_by(Sample.id)
+    ).all()
+    seen: set[tuple[str, int]] = set()
+    xs_tr, ys_tr, xs_va, ys_va = [], [], [], []
+    for sid, label in rows:
+        if (sid, label) in seen:
+            continue
+        seen.add((sid, label))
+        x = cache.get(sid)
+        if tuple(x.shape) != arch.input_shape:
+            continue  # stored under an older architecture
+        if is_validation(sid, val_fraction):
+            xs_va.append(x)
+            ys_va.append(label)
+        else:
+            xs_tr.append(x)
+            ys_tr.append(label)
+
+    def stack(xs: list[np.ndarray]) -> np.ndarray:
+        return np.stack(xs) if xs else np.zeros((0, *arch.input_shape), dtype=np.uint8)
+
+    return LabelledData(stack(xs_tr), np.asarray(ys_tr, dtype=np.int64), stack(xs_va), np.asarray(ys_va, dtype=np.int64))

@@ -1,0 +1,136 @@
+"""Model versions, artefacts and the choice of what to send a device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server.db.models import Artefact, ModelVersion
+from server.domain.errors import NotFoundError
+from server.store.blobs import BlobStore
+from shared.artefacts import FULL_MODEL_ENCODING, decode_artefact, encode_full_model
+from shared.models import ArchSpec, build_model, init_weights_from_seed
+
+
+def get_version(session: Session, model_hash: str) -> ModelVersion:
+    mv = session.get(ModelVersion, model_hash)
+    if mv is None:
+        raise NotFoundError(f"model version {model_hash[:16]!r} not found")
+    return mv
+
+
+def latest_version(session: Session) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).order_by(ModelVersion.number.desc())).first()
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.number)))
+
+
+def load_state(session: Session, blobs: BlobStore, model_hash: str) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
+    mv = get_version(session, model_hash)
+    decoded = decode_artefact(blobs.get(mv.full_artefact_sha256), encoding=FULL_MODEL_ENCODING)
+    return ArchSpec.from_json(mv.arch_json), decoded.state
+
+
+def add_artefact(
+    session: Session, blobs: BlobStore, data: bytes, *, encoding: str, target_hash: str, base_hash: str | None = None
+) -> Artefact:
+    sha = blobs.put(data)
+    art = session.get(Artefact, sha)
+    if art is None:
+        art = Artefact(sha256=sha, encoding=encoding, size=len(data), base_model_hash=base_hash, target_model_hash=target_hash)
+        session.add(art)
+        session.flush()
+    return art
+
+
+def publish_version(
+    session: Session,
+    blobs: BlobStore,
+    *,
+    arch: ArchSpec,
+    state: dict[str, torch.Tensor],
+    parent_hash: str | None,
+    method: str,
+    metrics: dict,
+    round_id: str | None = None,
+    reinit_seed: int | None = None,
+    fleet_default: bool = False,
+) -> ModelVersion:
+    """Store the full-model artefact and the version row (idempotent on the model hash)."""
+    data, digest = encode_full_model(arch, state, parent_hash)
+    existing = session.get(ModelVersion, digest)
+    if existing is not None:
+        existing.fleet_default = existing.fleet_default or fleet_default
+        return existing
+    art = add_artefact(session, blobs, data, encoding=FULL_MODEL_ENCODING, target_hash=digest)
+    number = (session.scalar(select(func.max(ModelVersion.number))) or -1) + 1
+    mv = ModelVersion(
+        model_hash=digest, number=number, parent_hash=parent_hash, arch_json=arch.to_json(),
+        full_artefact_sha256=art.sha256, round_id=round_id, method=method, metrics=metrics,
+        reinit_seed=reinit_seed, fleet_default=fleet_default,
+    )
+    session.add(mv)
+    session.flush()
+    return mv
+
+
+def ensure_initial_version(session: Session, blobs: BlobStore, arch: ArchSpec, seed: int) -> ModelVersion:
+    """Version 0: the untrained model from ``seed``, so a fresh fleet has something to run."""
+    current = latest_version(session)
+    if current is not None:
+        return current
+    model = init_weights_from_seed(build_model(arch), seed)
+    return publish_version(
+        session, blobs, arch=arch, state=model.state_dict(), parent_hash=None, method="init",
+        metrics={}, reinit_seed=seed, fleet_default=True,
+    )
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """The next artefact to send; ``final_hash`` is where the chain ends."""
+
+    artefact: Artefact
+    final_hash: str
+    chain_bytes: int  # total bytes of the whole remaining path
+
+
+def _diff_path(session: Session, have: str, target: str, max_hops: int = 32) -> list[Artefact] | None:
+    """Shortest-bytes chain of diffs from ``have`` to ``target`` (Dijkstra over diff artefacts)."""
+    diffs = list(session.scalars(select(Artefact).where(Artefact.base_model_hash.is_not(None))))
+    edges: dict[str, list[Artefact]] = {}
+    for a in diffs:
+        edges.setdefault(a.base_model_hash or "", []).append(a)
+    best: dict[str, tuple[int, list[Artefact]]] = {have: (0, [])}
+    frontier = [have]
+    for _ in range(max_hops):
+        nxt = []
+        for node in frontier:
+            cost, path = best[node]
+            for a in edges.get(node, []):
+                c = cost + a.size
+                if a.target_model_hash not in best or c < best[a.target_model_hash][0]:
+                    best[a.target_model_hash] = (c, [*path, a])
+                    nxt.append(a.target_model_hash)
+        frontier = nxt
+        if not frontier:
+            break
+    return best[target][1] if target in best and target != have else None
+
+
+def plan_update(session: Session, *, have_hash: str, target_hash: str) -> UpdatePlan:
+    """A chain of diffs from what the device has, or the full model, whichever is fewer bytes."""
+    mv = get_version(session, target_hash)
+    full = session.get(Artefact, mv.full_artefact_sha256)
+    assert full is not None
+    path = _diff_path(session, have_hash, target_hash) if have_hash else None
+    if path:
+        chain = sum(a.size for a in path)
+        if chain < full.size:
+            return UpdatePlan(path[0], target_hash, chain)
+    return UpdatePlan(full, target_hash, full.size)

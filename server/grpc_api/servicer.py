@@ -1,0 +1,204 @@
+"""gRPC servicer for agents: thin handlers that authenticate, call the domain layer, and map
+domain errors to status codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from protos.edgeloop.v1 import fleet_pb2 as pb
+from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
+from server.db.engine import transaction
+from server.db.base import utcnow
+from server.db.models import Delivery, Device
+from server.domain import devices as D
+from server.domain.errors import ConflictError, DomainError, InvalidArgumentError, NotFoundError, UnauthenticatedError
+from server.domain.samples import SampleIn, ingest_samples
+from server.domain.versions import get_version, plan_update
+from server.notifier import Notifier
+from server.settings import ServerSettings
+from server.store.blobs import BlobStore
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+MAX_CHUNK_BYTES = 4 << 20
+
+
+def credential_from(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return ""
+
+
+@contextmanager
+def domain_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    try:
+        yield
+    except DomainError as exc:
+        code = next((c for t, c in _STATUS.items() if isinstance(exc, t)), grpc.StatusCode.INVALID_ARGUMENT)
+        context.abort(code, str(exc))
+
+
+class FleetServicer(pb_grpc.EdgeFleetServicer):
+    def __init__(
+        self, settings: ServerSettings, factory: sessionmaker[Session], blobs: BlobStore, targets_changed: Notifier
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.blobs = blobs
+        self.targets_changed = targets_changed
+
+    def _device(self, session: Session, context: grpc.ServicerContext) -> Device:
+        return D.authenticate(session, credential_from(context))
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+        with domain_errors(context), transaction(self.factory) as s:
+            reg = D.register_device(
+                s, expected_token=self.settings.enrollment_token, enrollment_token=request.enrollment_token,
+                hardware_id=request.hardware_id, name=request.name, tags=list(request.tags),
+                hardware=dict(request.hardware), agent_version=request.agent_version,
+            )
+            log.info("registered device %s (%s)", reg.device.id, reg.device.name)
+            return pb.RegisterResponse(
+                device_id=reg.device.id, device_credential=reg.credential,
+                target_model_hash=reg.device.target_model_hash,
+                heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        with domain_errors(context), transaction(self.factory) as s:
+            device = self._device(s, context)
+            budget = {f: getattr(request.budget, f) for f in ("latency_ms", "memory_mb", "energy_mj")
+                      if request.budget.HasField(f)}
+            D.record_heartbeat(
+                s, device, model_hash=request.model_hash, active_subnet=request.active_subnet, budget=budget,
+                metrics=dict(request.metrics), state=request.state, last_error=request.last_error,
+                samples_pending=request.samples_pending,
+            )
+            return pb.HeartbeatResponse(
+                target_model_hash=device.target_model_hash, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                server_time_unix_ms=int(time.time() * 1000),
+            )
+
+    def UploadSamples(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadSamplesResponse:
+        with domain_errors(context):
+            with transaction(self.factory) as s:
+                device_id = self._device(s, context).id
+            samples: list[SampleIn] = []
+            total_bytes = 0
+            for msg in request_iterator:
+                total_bytes += msg.ByteSize()
+                if total_bytes > self.settings.max_upload_bytes:
+                    raise InvalidArgumentError(
+                        f"upload stream exceeds {self.settings.max_upload_bytes} bytes; split the upload")
+                for smp in msg.samples:
+                    samples.append(SampleIn(
+                        sample_id=smp.sample_id, payload=smp.payload,
+                        label=smp.label if smp.HasField("label") else None,
+                        metadata=dict(smp.metadata), captured_at_ms=smp.captured_at_unix_ms,
+                    ))
+                if len(samples) > self.settings.max_samples_per_upload:
+                    raise InvalidArgumentError(
+                        f"more than {self.settings.max_samples_per_upload} samples in one stream; split the upload")
+            with transaction(self.factory) as s:
+                device = s.get(Device, device_id)
+                result = ingest_samples(s, self.blobs, device, samples, arch=self.settings.arch,
+                                        max_bytes=self.settings.max_sample_bytes)
+            # The transaction has committed: only now is it safe to acknowledge.
+            if result.rejected:
+                log.warning("device %s: %d samples rejected (first: %s)", device_id, len(result.rejected),
+                            result.rejected[0][1])
+            return pb.UploadSamplesResponse(
+                accepted=result.accepted, duplicates=result.duplicates, committed_ids=result.committed_ids,
+                rejected=[pb.RejectedSample(sample_id=i, reason=r) for i, r in result.rejected],
+            )
+
+    def GetUpdate(self, request: pb.GetUpdateRequest, context: grpc.ServicerContext) -> Iterator[pb.GetUpdateResponse]:
+        with domain_errors(context):
+            with transaction(self.factory) as s:
+                device = self._device(s, context)
+                target = request.target_model_hash or device.target_model_hash
+                if not target:
+                    raise NotFoundError("no model version is assigned to this device yet")
+                get_version(s, target)
+                plan = plan_update(s, have_hash=request.have_model_hash, target_hash=target)
+                art = plan.artefact
+                if request.artefact_sha256 and request.artefact_sha256 != art.sha256:
+                    # Resuming an artefact that is no longer the best choice: restart cleanly.
+                    offset = 0
+                else:
+                    offset = request.offset
+                if not 0 <= offset <= art.size:
+                    raise InvalidArgumentError(f"offset {offset} outside [0, {art.size}]")
+                info = pb.UpdateInfo(
+                    artefact_sha256=art.sha256, artefact_size=art.size, encoding=art.encoding,
+                    base_model_hash=art.base_model_hash or "", target_model_hash=art.target_model_hash,
+                    final_model_hash=plan.final_hash, offset=offset,
+                )
+                device_id = device.id
+            chunk = request.max_chunk_bytes or self.settings.chunk_bytes
+            chunk = max(1024, min(chunk, MAX_CHUNK_BYTES, self.settings.grpc_max_message_bytes - 1024))
+        yield pb.GetUpdateResponse(info=info)
+        sent = 0
+        try:
+            pos = offset
+            while pos < info.artefact_size and context.is_active():
+                data = self.blobs.read_range(info.artefact_sha256, pos, chunk)
+                if not data:
+                    break
+                yield pb.GetUpdateResponse(chunk=pb.Chunk(offset=pos, data=data))
+                pos += len(data)
+                sent += len(data)
+        finally:
+            self._record_delivery(device_id, info, sent, complete=offset + sent >= info.artefact_size)
+
+    def _record_delivery(self, device_id: str, info: pb.UpdateInfo, sent: int, complete: bool) -> None:
+        try:
+            with transaction(self.factory) as s:
+                row = s.scalars(select(Delivery).where(
+                    Delivery.device_id == device_id, Delivery.artefact_sha256 == info.artefact_sha256)).first()
+                if row is None:
+                    row = Delivery(device_id=device_id, artefact_sha256=info.artefact_sha256,
+                                   target_model_hash=info.target_model_hash, final_model_hash=info.final_model_hash)
+                    s.add(row)
+                row.bytes_sent = (row.bytes_sent or 0) + sent
+                row.completed = row.completed or complete
+                row.updated_at = utcnow()
+        except Exception:  # noqa: BLE001 - accounting must never break a download
+            log.exception("could not record delivery to %s", device_id)
+
+    def WatchUpdates(self, request: pb.WatchUpdatesRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchUpdatesResponse]:
+        with domain_errors(context), transaction(self.factory) as s:
+            device_id = self._device(s, context).id
+        limit = self.settings.watch_max_seconds
+        if request.max_seconds > 0:
+            limit = min(limit, request.max_seconds)
+        deadline = time.monotonic() + limit
+        last_sent: str | None = None
+        seen = self.targets_changed.generation
+        while context.is_active() and time.monotonic() < deadline:
+            with transaction(self.factory) as s:
+                device = s.get(Device, device_id)
+                if device is None or device.revoked:
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "device revoked")
+                target = device.target_model_hash
+            if target != last_sent:
+                yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=False)
+                last_sent = target
+            else:
+                yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=True)
+            wait = min(self.settings.watch_keepalive_s, max(0.0, deadline - time.monotonic()))
+            seen = self.targets_changed.wait(seen, wait)

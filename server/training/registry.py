@@ -1,0 +1,21 @@
+"""Update policies by name; a round's ``method`` picks one."""
+
+from __future__ import annotations
+
+from server.domain.errors import InvalidArgumentError
+from server.training.full import FullRetrainPolicy
+from server.training.policy import UpdatePolicy
+
+POLICIES: dict[str, UpdatePolicy] = {p.name: p for p in (FullRetrainPolicy(),)}
+DEFAULT_METHOD = "full"
+
+
+def get_policy(method: str) -> UpdatePolicy:
+    try:
+        return POLICIES[method]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown method {method!r}; available: {sorted(POLICIES)}") from None
+
+
+def register_policy(policy: UpdatePolicy) -> None:
+    POLICIES[policy.name] = policy

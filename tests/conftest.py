@@ -1,0 +1,84 @@
+"""Shared fixtures: real databases (SQLite file, and PostgreSQL when reachable) and a real
+server context with migrations applied."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+POSTGRES_ADMIN_URL = os.environ.get("EDGELOOP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_available() -> bool:
+    try:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        url = make_url(POSTGRES_ADMIN_URL)
+        with psycopg.connect(host=url.host, port=url.port or 5432, user=url.username, dbname=url.database,
+                             password=url.password, connect_timeout=3):
+            return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+_PG = None
+
+
+def postgres_available() -> bool:
+    global _PG
+    if _PG is None:
+        _PG = _postgres_available()
+    return _PG
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    if not postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}")
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(POSTGRES_ADMIN_URL)
+    name = f"edgeloop_test_{uuid.uuid4().hex[:12]}"
+    kw = dict(host=admin.host, port=admin.port or 5432, user=admin.username, password=admin.password, autocommit=True)
+    with psycopg.connect(dbname=admin.database, **kw) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(dbname=admin.database, **kw) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> str:
+    """Each database test runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'edgeloop.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def server_settings(tmp_path, db_url):
+    from server.settings import ServerSettings
+
+    return ServerSettings(
+        data_dir=tmp_path / "server", database_url=db_url, model_kind="mlp", input_shape="1,28,28",
+        num_classes=10, heartbeat_interval_s=0.5, watch_keepalive_s=0.5, worker_poll_s=0.1,
+    )
+
+
+@pytest.fixture
+def server_ctx(server_settings):
+    from server.context import ServerContext
+
+    ctx = ServerContext.open(server_settings)
+    yield ctx
+    ctx.close()
