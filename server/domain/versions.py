@@ -68,7 +68,8 @@ def publish_version(
         existing.fleet_default = existing.fleet_default or fleet_default
         return existing
     art = add_artefact(session, blobs, data, encoding=FULL_MODEL_ENCODING, target_hash=digest)
-    number = (session.scalar(select(func.max(ModelVersion.number))) or -1) + 1
+    top = session.scalar(select(func.max(ModelVersion.number)))
+    number = 0 if top is None else top + 1
     mv = ModelVersion(
         model_hash=digest, number=number, parent_hash=parent_hash, arch_json=arch.to_json(),
         full_artefact_sha256=art.sha256, round_id=round_id, method=method, metrics=metrics,

@@ -1,0 +1,3 @@
+from edgeloop.cli import app
+
+app()

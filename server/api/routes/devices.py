@@ -1,0 +1,95 @@
+"""Devices: list, inspect, rename/retag, revoke."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from server.api.deps import CtxDep, SessionDep
+from server.api.errors import responses
+from server.api.schemas import DevicePublic, DevicesPublic, DeviceStatusPublic, DeviceUpdate
+from server.db.models import Device
+from server.domain import devices as D
+from server.settings import ServerSettings
+
+router = APIRouter(prefix="/devices", tags=["devices"], responses=responses(401))
+
+ONLINE_HEARTBEATS = 3  # a device is online if heard from within this many heartbeat intervals
+
+
+def is_online(device: Device, settings: ServerSettings, now: datetime | None = None) -> bool:
+    if device.revoked or device.last_seen_at is None:
+        return False
+    seen = device.last_seen_at
+    if seen.tzinfo is None:  # SQLite drops the zone; stored values are UTC
+        seen = seen.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    return now - seen <= timedelta(seconds=ONLINE_HEARTBEATS * settings.heartbeat_interval_s)
+
+
+def _status_fields(device: Device, settings: ServerSettings) -> dict:
+    return dict(
+        id=device.id, online=is_online(device, settings), revoked=device.revoked,
+        last_seen_at=device.last_seen_at, state=device.state, model_hash=device.model_hash,
+        target_model_hash=device.target_model_hash,
+        up_to_date=bool(device.model_hash) and device.model_hash == device.target_model_hash,
+        active_subnet=device.active_subnet, budget=device.budget or {}, metrics=device.metrics or {},
+        last_error=device.last_error, samples_pending=device.samples_pending,
+    )
+
+
+def device_public(device: Device, settings: ServerSettings) -> DevicePublic:
+    return DevicePublic(
+        **_status_fields(device, settings), hardware_id=device.hardware_id, name=device.name,
+        tags=list(device.tags or []), hardware=device.hardware or {}, agent_version=device.agent_version,
+        created_at=device.created_at,
+    )
+
+
+@router.get("", response_model=DevicesPublic, responses=responses(422))
+def list_devices(
+    session: SessionDep,
+    ctx: CtxDep,
+    tag: Annotated[str | None, Query(max_length=64, description="Only devices with this tag.")] = None,
+    offset: Annotated[int, Query(ge=0, description="Devices to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+) -> DevicesPublic:
+    """Registered devices (revoked ones included), oldest registration first."""
+    devices, count = D.list_devices(session, tag=tag, offset=offset, limit=limit)
+    return DevicesPublic(data=[device_public(d, ctx.settings) for d in devices], count=count)
+
+
+@router.get("/{device_id}", response_model=DevicePublic, responses=responses(404))
+def get_device(device_id: str, session: SessionDep, ctx: CtxDep) -> DevicePublic:
+    """One device: identity, tags, hardware and its live status."""
+    return device_public(D.get_device(session, device_id), ctx.settings)
+
+
+@router.get("/{device_id}/status", response_model=DeviceStatusPublic, responses=responses(404))
+def get_device_status(device_id: str, session: SessionDep, ctx: CtxDep) -> DeviceStatusPublic:
+    """Only what the device's heartbeats report: model, subnet, budget, metrics, state."""
+    return DeviceStatusPublic(**_status_fields(D.get_device(session, device_id), ctx.settings))
+
+
+@router.patch("/{device_id}", response_model=DevicePublic, responses=responses(404, 413, 422))
+def update_device(device_id: str, body: DeviceUpdate, session: SessionDep, ctx: CtxDep) -> DevicePublic:
+    """Rename a device or replace its tag set; omitted fields are kept."""
+    device = D.get_device(session, device_id)
+    if body.tags is not None:
+        device.tags = D.validate_tags(body.tags)
+    if body.name is not None:
+        device.name = body.name
+    session.commit()
+    return device_public(device, ctx.settings)
+
+
+@router.post("/{device_id}/revoke", response_model=DevicePublic, responses=responses(404))
+def revoke_device(device_id: str, session: SessionDep, ctx: CtxDep) -> DevicePublic:
+    """Refuse the device's credential from now on (idempotent). Re-registering with the
+    enrollment token issues a new credential and lifts the revocation."""
+    device = D.get_device(session, device_id)
+    device.revoked = True
+    session.commit()
+    return device_public(device, ctx.settings)

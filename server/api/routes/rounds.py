@@ -1,0 +1,101 @@
+"""Update rounds: queue one, follow it, cancel it while it waits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+
+from server.api.deps import CtxDep, SessionDep
+from server.api.errors import format_errors, responses
+from server.api.schemas import (
+    MethodPublic,
+    MethodsPublic,
+    RoundCreate,
+    RoundPublic,
+    RoundSummaryPublic,
+    RoundsPublic,
+)
+from server.db.base import utcnow
+from server.db.models import Round
+from server.domain import rounds as R
+from server.domain.errors import ConflictError, InvalidArgumentError
+from server.training.registry import DEFAULT_METHOD, POLICIES, get_policy
+
+router = APIRouter(prefix="/rounds", tags=["rounds"], responses=responses(401))
+
+CANCELLED = "cancelled by an operator"
+
+
+def summary(rnd: Round) -> RoundSummaryPublic:
+    return RoundSummaryPublic(
+        id=rnd.id, status=rnd.status, reason=rnd.reason, method=rnd.method, cohort=rnd.cohort or {},
+        params=rnd.params or {}, progress=rnd.progress, progress_message=rnd.progress_message,
+        base_model_hash=rnd.base_model_hash, model_hash=rnd.model_hash, metrics=rnd.metrics or {},
+        created_at=rnd.created_at, started_at=rnd.started_at, finished_at=rnd.finished_at,
+        devices_total=len(rnd.device_ids or []),
+    )
+
+
+@router.post("", status_code=202, response_model=RoundPublic, responses=responses(404, 413, 422))
+def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx: CtxDep) -> RoundPublic:
+    """Queue a round; the worker trains, and on success publishes a version for the cohort.
+    Params are checked now (so a typo fails here, not in the worker) and stored resolved.
+    Unknown device ids in the cohort are a 404."""
+    policy = get_policy(body.method)
+    try:
+        params = policy.parse_params(body.params)
+    except ValidationError as exc:
+        raise InvalidArgumentError(f"invalid params for method {body.method!r}: {format_errors(exc.errors())}") from None
+    rnd = R.create_round(session, method=body.method, cohort=body.cohort.as_dict(), params=params.model_dump(mode="json"))
+    session.commit()
+    ctx.rounds_wakeup.notify()
+    response.headers["Location"] = f"/api/v1/rounds/{rnd.id}"
+    return RoundPublic.model_validate(R.round_report(session, rnd))
+
+
+@router.get("/methods", response_model=MethodsPublic)
+def list_methods() -> MethodsPublic:
+    """Update policies a round can use, with the JSON schema of their params."""
+    data = [
+        MethodPublic(name=name, default=name == DEFAULT_METHOD, params_schema=p.Params.model_json_schema())
+        for name, p in sorted(POLICIES.items())
+    ]
+    return MethodsPublic(data=data, count=len(data))
+
+
+@router.get("", response_model=RoundsPublic, responses=responses(422))
+def list_rounds(
+    session: SessionDep,
+    offset: Annotated[int, Query(ge=0, description="Rounds to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+) -> RoundsPublic:
+    """Rounds, newest first (without the per-device figures; GET one round for those)."""
+    count = session.scalar(select(func.count()).select_from(Round)) or 0
+    return RoundsPublic(data=[summary(r) for r in R.list_rounds(session, offset=offset, limit=limit)], count=count)
+
+
+@router.get("/{round_id}", response_model=RoundPublic, responses=responses(404))
+def get_round(round_id: str, session: SessionDep) -> RoundPublic:
+    """Status, progress, reason, metrics, and per-device bytes sent / devices on the new version."""
+    return RoundPublic.model_validate(R.round_report(session, R.get_round(session, round_id)))
+
+
+@router.post("/{round_id}/cancel", response_model=RoundPublic, responses=responses(404, 409))
+def cancel_round(round_id: str, session: SessionDep) -> RoundPublic:
+    """Fail a round that is still queued. A running round cannot be cancelled (409)."""
+    rnd = R.get_round(session, round_id)
+    # Conditional update: the worker may claim the round between our read and this write.
+    res = session.execute(
+        update(Round).where(Round.id == round_id, Round.status == R.QUEUED)
+        .values(status=R.FAILED, reason=CANCELLED, finished_at=utcnow())
+    )
+    if res.rowcount != 1:
+        session.rollback()
+        session.refresh(rnd)
+        raise ConflictError(f"round {round_id} is {rnd.status}; only queued rounds can be cancelled")
+    session.commit()
+    session.refresh(rnd)
+    return RoundPublic.model_validate(R.round_report(session, rnd))

@@ -1,0 +1,73 @@
+"""Samples: counts, listing, and labelling (the operator's side of data collection)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import func, select
+
+from server.api.deps import CtxDep, SessionDep
+from server.api.errors import responses
+from server.api.schemas import (
+    DeviceSampleCounts,
+    LabelsUpdate,
+    LabelsUpdated,
+    SampleCountsPublic,
+    SamplePublic,
+    SamplesPublic,
+)
+from server.db.models import Sample
+from server.domain.samples import label_samples, sample_counts
+
+router = APIRouter(prefix="/samples", tags=["samples"], responses=responses(401))
+
+
+@router.get("/counts", response_model=SampleCountsPublic)
+def get_sample_counts(session: SessionDep) -> SampleCountsPublic:
+    """Samples per device and per label, and the labelled / unlabelled totals."""
+    per_device: dict[str, DeviceSampleCounts] = {}
+    for row in sample_counts(session):
+        c = per_device.setdefault(
+            row["device_id"], DeviceSampleCounts(device_id=row["device_id"], labelled=0, unlabelled=0, by_label={})
+        )
+        if row["label"] is None:
+            c.unlabelled += row["count"]
+        else:
+            c.labelled += row["count"]
+            c.by_label[row["label"]] = c.by_label.get(row["label"], 0) + row["count"]
+    devices = [per_device[k] for k in sorted(per_device)]
+    for c in devices:
+        c.by_label = dict(sorted(c.by_label.items()))
+    labelled = sum(c.labelled for c in devices)
+    unlabelled = sum(c.unlabelled for c in devices)
+    return SampleCountsPublic(devices=devices, labelled=labelled, unlabelled=unlabelled, total=labelled + unlabelled)
+
+
+@router.get("", response_model=SamplesPublic, responses=responses(422))
+def list_samples(
+    session: SessionDep,
+    device_id: Annotated[str | None, Query(max_length=32, description="Only this device's samples.")] = None,
+    labelled: Annotated[bool | None, Query(description="true: only labelled; false: only unlabelled.")] = None,
+    offset: Annotated[int, Query(ge=0, description="Samples to skip.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+) -> SamplesPublic:
+    """Sample records (ids, labels, shapes, metadata; not the payloads), oldest first."""
+    where = []
+    if device_id is not None:
+        where.append(Sample.device_id == device_id)
+    if labelled is not None:
+        where.append(Sample.label.is_not(None) if labelled else Sample.label.is_(None))
+    count = session.scalar(select(func.count()).select_from(Sample).where(*where)) or 0
+    rows = session.scalars(select(Sample).where(*where).order_by(Sample.id).offset(offset).limit(limit))
+    return SamplesPublic(data=[SamplePublic.model_validate(r) for r in rows], count=count)
+
+
+@router.post("/labels", response_model=LabelsUpdated, responses=responses(404, 413, 422))
+def set_labels(body: LabelsUpdate, session: SessionDep, ctx: CtxDep) -> LabelsUpdated:
+    """Set labels in one transaction: an unknown sample or a label out of range changes nothing."""
+    n = label_samples(
+        session, [(x.sample_id, x.device_id, x.label) for x in body.labels], ctx.settings.arch.num_classes
+    )
+    session.commit()
+    return LabelsUpdated(updated=n)

@@ -1,0 +1,269 @@
+"""Request and response bodies of the REST API, kept apart from the ORM tables.
+
+Naming: ``XPublic`` is what a GET returns, ``XsPublic`` a page of them (``data`` + ``count``),
+``XCreate`` / ``XUpdate`` request bodies. Request bodies forbid unknown keys, so a typo is a
+422 rather than a silently ignored field. Secrets (the device credential hash) have no field
+here and so can never be serialised.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from server.domain.devices import MAX_TAGS, TAG
+from server.training.registry import DEFAULT_METHOD
+
+HEX64 = r"^[0-9a-f]{64}$"
+MAX_LABELS_PER_REQUEST = 10_000
+MAX_COHORT_DEVICES = 10_000
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes for timestamptz columns; everything stored is UTC.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class BodyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BodyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorPublic(BodyOut):
+    detail: str = Field(description="What went wrong, in one sentence.")
+
+
+# --- health ---------------------------------------------------------------------------------
+
+
+class HealthPublic(BodyOut):
+    status: Literal["ok", "error"] = Field(description="'ok' when the server can serve requests.")
+    database: Literal["ok", "unreachable"] = Field(description="Result of a 'SELECT 1' on the database.")
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+class DeviceStatusPublic(BodyOut):
+    """The live part of a device: what its last heartbeat said."""
+
+    id: str = Field(description="Device id (32 hex characters), assigned at registration.")
+    online: bool = Field(description="Not revoked and heard from within 3 heartbeat intervals.")
+    revoked: bool = Field(description="Revoked devices are refused by the agent API until they re-register.")
+    last_seen_at: UtcDatetime | None = Field(description="Time of the last registration or heartbeat (UTC).")
+    state: str = Field(description="Agent state from the last heartbeat (e.g. 'idle', 'downloading').")
+    model_hash: str = Field(description="Model hash the device reports running ('' if none).")
+    target_model_hash: str = Field(description="Model hash the server wants it to run.")
+    up_to_date: bool = Field(description="model_hash equals target_model_hash.")
+    active_subnet: int = Field(description="Index of the active nested subnet (-1: unknown).")
+    budget: dict[str, Any] = Field(description="Resource budget the agent reported (e.g. latency_ms, memory_mb).")
+    metrics: dict[str, float] = Field(description="Metrics from the last heartbeat (e.g. latency, accuracy).")
+    last_error: str = Field(description="The agent's last error message ('' if none).")
+    samples_pending: int = Field(description="Samples waiting on the device to be uploaded.")
+
+
+class DevicePublic(DeviceStatusPublic):
+    """Everything an operator may see about a device (never its credential)."""
+
+    hardware_id: str = Field(description="Stable hardware identity the agent registered with.")
+    name: str = Field(description="Human-readable name (defaults to the hardware id).")
+    tags: list[str] = Field(description="Tags, used to pick round cohorts.")
+    hardware: dict[str, str] = Field(description="Hardware facts reported at registration.")
+    agent_version: str = Field(description="Version of the agent software.")
+    created_at: UtcDatetime = Field(description="First registration (UTC).")
+
+
+class DevicesPublic(BodyOut):
+    data: list[DevicePublic] = Field(description="This page of devices, oldest registration first.")
+    count: int = Field(description="Devices matching the filter, over all pages.")
+
+
+class DeviceUpdate(BodyIn):
+    name: str | None = Field(None, min_length=1, max_length=128, description="New name; omit to keep.")
+    tags: list[str] | None = Field(
+        None, max_length=MAX_TAGS,
+        description=f"New tag set (replaces the old one); each matches {TAG.pattern}. Omit to keep.",
+    )
+
+
+# --- samples --------------------------------------------------------------------------------
+
+
+class SamplePublic(BodyOut):
+    sample_id: str = Field(description="SHA-256 of the payload (the sample's content id).")
+    device_id: str = Field(description="Device that uploaded it.")
+    label: int | None = Field(description="Class label, or null if unlabelled.")
+    shape: list[int] = Field(description="Tensor shape, e.g. [1, 28, 28].")
+    dtype: str = Field(description="Element type: 'uint8' or 'float32'.")
+    size: int = Field(description="Payload size in bytes.")
+    metadata: dict[str, str] = Field(validation_alias="meta", description="Agent-supplied key/value metadata.")
+    captured_at: UtcDatetime | None = Field(description="When the device captured it (UTC), if it said.")
+    received_at: UtcDatetime = Field(description="When the server stored it (UTC).")
+
+
+class SamplesPublic(BodyOut):
+    data: list[SamplePublic] = Field(description="This page of samples, oldest first.")
+    count: int = Field(description="Samples matching the filter, over all pages.")
+
+
+class DeviceSampleCounts(BodyOut):
+    device_id: str = Field(description="Device id.")
+    labelled: int = Field(description="Labelled samples from this device.")
+    unlabelled: int = Field(description="Unlabelled samples from this device.")
+    by_label: dict[int, int] = Field(description="Labelled samples per class label (JSON keys are strings).")
+
+
+class SampleCountsPublic(BodyOut):
+    devices: list[DeviceSampleCounts] = Field(description="Counts per device (devices with samples only).")
+    labelled: int = Field(description="Labelled samples over all devices.")
+    unlabelled: int = Field(description="Unlabelled samples over all devices.")
+    total: int = Field(description="labelled + unlabelled.")
+
+
+class LabelIn(BodyIn):
+    sample_id: str = Field(pattern=HEX64, description="Content id (SHA-256 hex) of the sample.")
+    device_id: str | None = Field(
+        None, min_length=1, max_length=32,
+        description="Label only this device's copy; omit to label the sample on every device that has it.",
+    )
+    label: int = Field(ge=0, description="Class label, in [0, num_classes).")
+
+
+class LabelsUpdate(BodyIn):
+    labels: list[LabelIn] = Field(
+        min_length=1, max_length=MAX_LABELS_PER_REQUEST,
+        description=f"1 to {MAX_LABELS_PER_REQUEST} labels, applied all together or not at all.",
+    )
+
+
+class LabelsUpdated(BodyOut):
+    updated: int = Field(description="Sample rows whose label was set.")
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+class ModelVersionPublic(BodyOut):
+    number: int = Field(description="0, 1, 2... in publish order.")
+    model_hash: str = Field(description="Canonical SHA-256 of the model's tensors: the version's id.")
+    parent_hash: str | None = Field(description="Version it was trained from (null for version 0).")
+    method: str = Field(description="How it was made: 'init', 'full', 'dpu'...")
+    metrics: dict[str, Any] = Field(description="Training metrics recorded by the round.")
+    created_at: UtcDatetime = Field(description="Publish time (UTC).")
+    round_id: str | None = Field(description="Round that produced it (null for version 0).")
+    fleet_default: bool = Field(description="New devices and cohort-'all' rounds run the newest fleet default.")
+    reinit_seed: int | None = Field(description="Seed of the fresh initialisation it started from, if any.")
+    full_artefact_sha256: str = Field(description="SHA-256 of the full-model artefact bytes.")
+    full_artefact_size: int = Field(description="Size of the full-model artefact in bytes.")
+    arch: dict[str, Any] = Field(description="Architecture spec (ArchSpec JSON).")
+
+
+class ModelVersionsPublic(BodyOut):
+    data: list[ModelVersionPublic] = Field(description="This page of versions, newest first.")
+    count: int = Field(description="All versions.")
+
+
+class ArtefactPublic(BodyOut):
+    sha256: str = Field(description="SHA-256 of the artefact bytes (its id).")
+    kind: Literal["full", "diff"] = Field(description="'full' model or a 'diff' against base_model_hash.")
+    encoding: str = Field(description="Wire encoding, e.g. 'model/safetensors-v1' or 'diff/...'.")
+    size: int = Field(description="Size in bytes.")
+    base_model_hash: str | None = Field(description="Model a diff applies to (null for full models).")
+    target_model_hash: str = Field(description="Model the artefact produces.")
+    created_at: UtcDatetime = Field(description="When it was stored (UTC).")
+
+
+class ArtefactsPublic(BodyOut):
+    data: list[ArtefactPublic] = Field(description="Artefacts producing this version, full model first.")
+    count: int = Field(description="Number of artefacts.")
+
+
+# --- rounds ---------------------------------------------------------------------------------
+
+
+class Cohort(BodyIn):
+    """Exactly one of ``all``, ``device_ids`` or ``tag``."""
+
+    all: Literal[True] | None = Field(None, description="true: every non-revoked device.")
+    device_ids: list[str] | None = Field(
+        None, min_length=1, max_length=MAX_COHORT_DEVICES, description="These devices (all must exist)."
+    )
+    tag: str | None = Field(None, pattern=TAG.pattern, description="Every non-revoked device with this tag.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Cohort:
+        chosen = [k for k in ("all", "device_ids", "tag") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"cohort needs exactly one of 'all', 'device_ids', 'tag'; got {chosen or 'none'}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class RoundCreate(BodyIn):
+    method: str = Field(
+        DEFAULT_METHOD, min_length=1, max_length=32,
+        description=f"Update policy (GET /api/v1/rounds/methods lists them); default '{DEFAULT_METHOD}'.",
+    )
+    cohort: Cohort = Field(default_factory=lambda: Cohort(all=True), description="Devices the new version targets.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Policy parameters; unknown keys are refused. Stored resolved, defaults filled."
+    )
+
+
+class RoundDevicePublic(BodyOut):
+    device_id: str = Field(description="Device in the round's cohort.")
+    bytes_sent: int = Field(description="Artefact bytes streamed to it towards the round's version.")
+    on_version: bool = Field(description="It reports running the round's version.")
+    model_hash: str = Field(description="Model hash it reports running.")
+    state: str = Field(description="Its agent state ('unknown' if the device is gone).")
+
+
+class RoundSummaryPublic(BodyOut):
+    id: str = Field(description="Round id (32 hex characters).")
+    status: Literal["queued", "training", "publishing", "done", "skipped", "failed"] = Field(
+        description="queued -> training -> publishing -> done; or skipped / failed (see reason)."
+    )
+    reason: str = Field(description="Why it was skipped or failed ('' otherwise).")
+    method: str = Field(description="Update policy.")
+    cohort: dict[str, Any] = Field(description="Cohort as requested.")
+    params: dict[str, Any] = Field(description="Resolved policy parameters.")
+    progress: float = Field(description="0..1.")
+    progress_message: str = Field(description="Latest progress line from the worker.")
+    base_model_hash: str | None = Field(description="Version it trained from (set once training starts).")
+    model_hash: str | None = Field(description="Version it published (set when done).")
+    metrics: dict[str, Any] = Field(description="Training and publishing metrics.")
+    created_at: UtcDatetime = Field(description="Creation time (UTC).")
+    started_at: UtcDatetime | None = Field(description="Training start (UTC).")
+    finished_at: UtcDatetime | None = Field(description="Time it reached done, skipped or failed (UTC).")
+    devices_total: int = Field(description="Devices the published version targets.")
+
+
+class RoundPublic(RoundSummaryPublic):
+    devices: list[RoundDevicePublic] = Field(description="Delivery progress per targeted device.")
+    devices_on_version: int = Field(description="Targeted devices that report running the new version.")
+
+
+class RoundsPublic(BodyOut):
+    data: list[RoundSummaryPublic] = Field(description="This page of rounds, newest first.")
+    count: int = Field(description="All rounds.")
+
+
+class MethodPublic(BodyOut):
+    name: str = Field(description="Value for RoundCreate.method.")
+    default: bool = Field(description="Used when method is omitted.")
+    params_schema: dict[str, Any] = Field(description="JSON schema of the method's params.")
+
+
+class MethodsPublic(BodyOut):
+    data: list[MethodPublic] = Field(description="Every registered update policy.")
+    count: int = Field(description="Number of policies.")
