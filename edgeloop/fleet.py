@@ -157,9 +157,7 @@ class LocalFleet:
         return r.json()
 
     def labelled_total(self) -> int:
-        counts = self.get("/samples/counts")
-        rows = counts["data"] if isinstance(counts, dict) else counts
-        return sum(r["count"] for r in rows if r.get("label") is not None)
+        return int(self.get("/samples/counts")["labelled"])
 
     def wait_for_labelled(self, target: int, timeout: float) -> int:
         deadline = time.monotonic() + timeout

@@ -88,9 +88,8 @@ class RoundWorker:
         def progress(step: int, total: int, metrics: dict[str, float]) -> None:
             if bar.total != total:
                 bar.total = total
-            bar.n = step
             bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
-            bar.refresh()
+            bar.update(step - bar.n)  # redraws at most once per mininterval
             now = time.monotonic()
             if now - last[0] >= _PROGRESS_DB_INTERVAL_S or step == total:
                 last[0] = now
@@ -118,7 +117,7 @@ class RoundWorker:
             rnd.progress_message = f"training on {data.total} labelled samples"
         log.info("round %s: %s on %d labelled samples (base %s)", round_id, rnd.method, data.total,
                  (base_hash or "none")[:12])
-        with tqdm(total=1, desc=f"round {round_id[:8]}", unit="step", leave=True) as bar:
+        with tqdm(total=1, desc=f"round {round_id[:8]}", unit="step", leave=True, mininterval=1.0) as bar:
             outcome = policy.run(RoundInputs(
                 arch=arch, base_state=base_state, base_hash=base_hash, data=data, params=params,
                 progress=self._progress_fn(round_id, bar), carry=self.carry.setdefault(rnd.method, {}),

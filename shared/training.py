@@ -83,10 +83,10 @@ def train_supervised(
             loss = loss_fn(model(to_model_input(x[idx])), y_t[idx])
             loss.backward()
             opt.step()
-            running += float(loss) * len(idx)
+            running += loss.item() * len(idx)
             step += 1
             if progress is not None:
-                progress(step, total, {"loss": float(loss)})
+                progress(step, total, {"loss": loss.item()})
         last_loss = running / len(x)
         if has_val:
             acc = accuracy(model, x_val, y_val)

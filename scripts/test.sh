@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install EdgeLoop with its test dependencies into ./.venv and run the test suite.
+#   scripts/test.sh            # the CI suite (skips tests marked slow)
+#   scripts/test.sh -m slow    # extra pytest arguments are passed through
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh server,data,bench,dev
+if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "no tests collected"; exit 1; fi
+exit "$rc"
