@@ -211,11 +211,17 @@ def _fmt_acc(a: float | None) -> str:
 
 def render_table(rows: list[RoundRow], console: Console) -> None:
     table = Table(title="EdgeLoop local fleet: update rounds")
-    for col in ("round", "status", "labelled", "val acc (before -> after)", "bytes sent / agent",
+    for col in ("round", "status", "labelled", "val acc before -> after", "bytes sent per agent",
                 "agents on new version", "agent acc", "wall s"):
         table.add_column(col, justify="right")
     for r in rows:
-        per_agent = ", ".join(f"{v:,}" for v in r.bytes_per_agent.values()) or "-"
+        sent = list(r.bytes_per_agent.values())
+        if not sent:
+            per_agent = "-"
+        elif min(sent) == max(sent):
+            per_agent = f"{sent[0]:,}"
+        else:
+            per_agent = f"{min(sent):,} - {max(sent):,}"
         table.add_row(str(r.round), r.status if r.status != "skipped" else f"skipped ({r.reason[:40]})",
                       str(r.labelled_samples), f"{_fmt_acc(r.base_val_accuracy)} -> {_fmt_acc(r.val_accuracy)}",
                       per_agent, f"{r.agents_on_version}/{r.agents_total}", _fmt_acc(r.agent_accuracy),
@@ -224,7 +230,7 @@ def render_table(rows: list[RoundRow], console: Console) -> None:
 
 
 def run_fleet(cfg: FleetConfig) -> FleetResult:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     fleet = LocalFleet(cfg)
     rows: list[RoundRow] = []
     ok = False
