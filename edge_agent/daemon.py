@@ -141,6 +141,15 @@ class Agent:
     def _handle(self, batch: list[Observation]) -> None:
         now = time.time()
         confs: np.ndarray | None = None
+        if self.runner.arch is not None:
+            shape = self.runner.arch.input_shape
+            bad = [o for o in batch if tuple(o.x.shape) != shape]
+            if bad:
+                # The server would reject them anyway: do not spend the uplink on them.
+                log.warning("dropping %d inputs of shape %s: the model takes %s", len(bad), bad[0].x.shape, shape)
+                batch = [o for o in batch if tuple(o.x.shape) == shape]
+                if not batch:
+                    return
         if self.runner.ready:
             preds, confs = self.runner.predict(np.stack([o.x for o in batch]))
             for o, p, c in zip(batch, preds, confs):

@@ -25,6 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shared.models.spec import ArchSpec
+from shared.models.zoo import build_model
 from shared.tensors import StateDict, model_hash
 
 FULL_MODEL_ENCODING = "model/safetensors-v1"
@@ -109,9 +110,21 @@ def _read_safetensors_metadata(data: bytes) -> dict[str, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtefactError(f"model artefact header is not JSON: {exc}") from exc
     meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ArtefactError("model artefact __metadata__ is not an object")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ArtefactError("model artefact __metadata__ is not an object of strings")
     return meta
+
+
+def _check_fits(arch: ArchSpec, state: StateDict) -> None:
+    """The tensors must be exactly those of ``arch`` (names, shapes, dtypes): an agent must
+    never install a model that its runner then fails to load."""
+    with torch.device("meta"):  # shapes and dtypes only, no memory
+        expected = build_model(arch).state_dict()
+    got = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    want = {k: (tuple(v.shape), v.dtype) for k, v in expected.items()}
+    if got != want:
+        bad = sorted(k for k in got.keys() | want.keys() if got.get(k) != want.get(k))
+        raise ArtefactError(f"model artefact tensors do not fit its architecture spec: {bad[:4]}")
 
 
 def decode_full_model(data: bytes, base: StateDict | None = None) -> DecodedArtefact:
@@ -131,9 +144,13 @@ def decode_full_model(data: bytes, base: StateDict | None = None) -> DecodedArte
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ArtefactError(f"model artefact is corrupt or truncated: {exc}") from exc
     claimed = meta.get("edgeloop.model_hash", "")
-    actual = model_hash(state)
+    try:
+        actual = model_hash(state)
+    except ValueError as exc:  # a dtype the fleet does not use
+        raise ArtefactError(f"model artefact: {exc}") from exc
     if actual != claimed:
         raise ArtefactError(f"model hash mismatch: artefact claims {claimed[:16]}, tensors give {actual[:16]}")
+    _check_fits(arch, state)
     extra = {k.removeprefix("edgeloop.extra."): v for k, v in meta.items() if k.startswith("edgeloop.extra.")}
     return DecodedArtefact(
         encoding=FULL_MODEL_ENCODING,
@@ -146,3 +163,44 @@ def decode_full_model(data: bytes, base: StateDict | None = None) -> DecodedArte
 
 
 register_decoder(FULL_MODEL_ENCODING, decode_full_model, _looks_like_safetensors)
+
+
+# --- re-initialisation from a seed (DPU §5.4.2) ------------------------------------------------
+SEED_MODEL_ENCODING = "model/seed-v1"
+_SEED_MAGIC = b"ELSEED1\n"
+
+
+def encode_seed_model(arch: ArchSpec, seed: int, model_hash_: str) -> bytes:
+    """A model shipped as the seed that generates it: ``ELSEED1\\n`` + canonical JSON
+    ``{"arch": {...}, "model_hash": "...", "seed": s}``. The receiver regenerates the weights
+    with :func:`shared.models.init_weights_from_seed` and must obtain ``model_hash``."""
+    body = {"arch": json.loads(arch.to_json()), "model_hash": model_hash_, "seed": int(seed)}
+    return _SEED_MAGIC + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_seed_model(data: bytes, base: StateDict | None = None) -> DecodedArtefact:
+    del base
+    from shared.models import build_model, init_weights_from_seed
+
+    if not data.startswith(_SEED_MAGIC) or len(data) > 1 << 16:
+        raise ArtefactError("not a seed artefact")
+    try:
+        body = json.loads(data[len(_SEED_MAGIC) :])
+        arch = ArchSpec.from_dict(body["arch"])
+        seed, claimed = int(body["seed"]), str(body["model_hash"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtefactError(f"malformed seed artefact: {exc}") from exc
+    try:
+        model = init_weights_from_seed(build_model(arch), seed)
+    except ValueError as exc:
+        raise ArtefactError(f"seed artefact: {exc}") from exc
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    actual = model_hash(state)
+    if actual != claimed:
+        raise ArtefactError(
+            f"seed {seed} generates model {actual[:16]} here, the server expected {claimed[:16]} "
+            "(weight generation differs between the two machines)")
+    return DecodedArtefact(SEED_MODEL_ENCODING, state, actual, arch=arch, meta={"seed": str(seed)})
+
+
+register_decoder(SEED_MODEL_ENCODING, decode_seed_model, lambda d: d.startswith(_SEED_MAGIC))

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from server.db.models import Artefact, ModelVersion
 from server.domain.errors import NotFoundError
 from server.store.blobs import BlobStore
-from shared.artefacts import FULL_MODEL_ENCODING, decode_artefact, encode_full_model
+from shared.artefacts import FULL_MODEL_ENCODING, SEED_MODEL_ENCODING, decode_artefact, encode_full_model
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 
 
@@ -102,13 +102,19 @@ class UpdatePlan:
 
 
 def _diff_path(session: Session, have: str, target: str, max_hops: int = 32) -> list[Artefact] | None:
-    """Shortest-bytes chain of diffs from ``have`` to ``target`` (Dijkstra over diff artefacts)."""
+    """Fewest-bytes chain from ``have`` to ``target`` over diff artefacts (edges base -> target)
+    and seed artefacts (a re-initialisation, reachable from any model: DPU §5.4.2)."""
     diffs = list(session.scalars(select(Artefact).where(Artefact.base_model_hash.is_not(None))))
+    seeds = list(session.scalars(select(Artefact).where(Artefact.encoding == SEED_MODEL_ENCODING)))
     edges: dict[str, list[Artefact]] = {}
     for a in diffs:
         edges.setdefault(a.base_model_hash or "", []).append(a)
     best: dict[str, tuple[int, list[Artefact]]] = {have: (0, [])}
     frontier = [have]
+    for a in seeds:
+        if a.target_model_hash != have and (a.target_model_hash not in best or a.size < best[a.target_model_hash][0]):
+            best[a.target_model_hash] = (a.size, [a])
+            frontier.append(a.target_model_hash)
     for _ in range(max_hops):
         nxt = []
         for node in frontier:
