@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.backoff import Backoff
-from edge_agent.client import ClientError, CredentialRejected, FleetClient, PermanentError, TransientError
+from edge_agent.client import (
+    ClientError,
+    CredentialRejected,
+    FleetClient,
+    PermanentError,
+    TransientError,
+)
 from edge_agent.identity import Identity, hardware_id, load_identity, save_identity
 from edge_agent.model_store import ModelStore
 from edge_agent.predictions import PredictionLog
@@ -152,7 +158,7 @@ class Agent:
                     return
         if self.runner.ready:
             preds, confs = self.runner.predict(np.stack([o.x for o in batch]))
-            for o, p, c in zip(batch, preds, confs):
+            for o, p, c in zip(batch, preds, confs, strict=True):
                 self.predictions.add(int(p), float(c), o.label, self.runner.model_hash, now)
         for o in batch:
             if o.label is not None:

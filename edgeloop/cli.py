@@ -7,7 +7,7 @@ Every option also has an environment variable (``EDGELOOP_*`` for the server,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -45,17 +45,17 @@ def _server_settings(**flags: Any):
 
 @server_app.command("run")
 def server_run(
-    data_dir: Annotated[Optional[Path], typer.Option(help="EDGELOOP_DATA_DIR")] = None,
-    database_url: Annotated[Optional[str], typer.Option(help="EDGELOOP_DATABASE_URL")] = None,
-    rest_host: Annotated[Optional[str], typer.Option(help="EDGELOOP_REST_HOST")] = None,
-    rest_port: Annotated[Optional[int], typer.Option(help="EDGELOOP_REST_PORT")] = None,
-    grpc_host: Annotated[Optional[str], typer.Option(help="EDGELOOP_GRPC_HOST")] = None,
-    grpc_port: Annotated[Optional[int], typer.Option(help="EDGELOOP_GRPC_PORT")] = None,
-    model_kind: Annotated[Optional[str], typer.Option(help="EDGELOOP_MODEL_KIND: mlp or cnn")] = None,
-    input_shape: Annotated[Optional[str], typer.Option(help="EDGELOOP_INPUT_SHAPE, e.g. 1,28,28")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="EDGELOOP_NUM_CLASSES")] = None,
-    ready_file: Annotated[Optional[Path], typer.Option(help="Write the bound ports here as JSON once serving.")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="EDGELOOP_LOG_LEVEL")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="EDGELOOP_DATA_DIR")] = None,
+    database_url: Annotated[str | None, typer.Option(help="EDGELOOP_DATABASE_URL")] = None,
+    rest_host: Annotated[str | None, typer.Option(help="EDGELOOP_REST_HOST")] = None,
+    rest_port: Annotated[int | None, typer.Option(help="EDGELOOP_REST_PORT")] = None,
+    grpc_host: Annotated[str | None, typer.Option(help="EDGELOOP_GRPC_HOST")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="EDGELOOP_GRPC_PORT")] = None,
+    model_kind: Annotated[str | None, typer.Option(help="EDGELOOP_MODEL_KIND: mlp or cnn")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="EDGELOOP_INPUT_SHAPE, e.g. 1,28,28")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="EDGELOOP_NUM_CLASSES")] = None,
+    ready_file: Annotated[Path | None, typer.Option(help="Write the bound ports here as JSON once serving.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="EDGELOOP_LOG_LEVEL")] = None,
 ) -> None:
     """Start the server: migrate the database, then serve REST + gRPC and run rounds."""
     from edgeloop.logs import setup_logging
@@ -76,8 +76,8 @@ def server_run(
 
 @server_app.command("migrate")
 def server_migrate(
-    database_url: Annotated[Optional[str], typer.Option(help="EDGELOOP_DATABASE_URL")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="EDGELOOP_DATA_DIR")] = None,
+    database_url: Annotated[str | None, typer.Option(help="EDGELOOP_DATABASE_URL")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="EDGELOOP_DATA_DIR")] = None,
 ) -> None:
     """Apply database migrations (the server also does this at start-up)."""
     from server.db import migrate
@@ -91,21 +91,21 @@ def server_migrate(
 
 @agent_app.command("run")
 def agent_run(
-    server: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_SERVER host:port")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="EDGELOOP_AGENT_DATA_DIR")] = None,
-    name: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_NAME")] = None,
-    tags: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_TAGS, comma separated")] = None,
-    source: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_SOURCE: dataset or folder")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_DATASET: name, .npz or folder")] = None,
-    watch_dir: Annotated[Optional[Path], typer.Option(help="EDGELOOP_AGENT_WATCH_DIR")] = None,
-    shard_index: Annotated[Optional[int], typer.Option(help="EDGELOOP_AGENT_SHARD_INDEX")] = None,
-    num_shards: Annotated[Optional[int], typer.Option(help="EDGELOOP_AGENT_NUM_SHARDS")] = None,
-    max_samples: Annotated[Optional[int], typer.Option(help="EDGELOOP_AGENT_MAX_SAMPLES")] = None,
-    rate_per_s: Annotated[Optional[float], typer.Option(help="EDGELOOP_AGENT_RATE_PER_S")] = None,
-    upload_mode: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_UPLOAD_MODE")] = None,
-    status_port: Annotated[Optional[int], typer.Option(help="EDGELOOP_AGENT_STATUS_PORT (-1 off)")] = None,
-    enrollment_token: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_ENROLLMENT_TOKEN")] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="EDGELOOP_AGENT_LOG_LEVEL")] = None,
+    server: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_SERVER host:port")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="EDGELOOP_AGENT_DATA_DIR")] = None,
+    name: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_NAME")] = None,
+    tags: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_TAGS, comma separated")] = None,
+    source: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_SOURCE: dataset or folder")] = None,
+    dataset: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_DATASET: name, .npz or folder")] = None,
+    watch_dir: Annotated[Path | None, typer.Option(help="EDGELOOP_AGENT_WATCH_DIR")] = None,
+    shard_index: Annotated[int | None, typer.Option(help="EDGELOOP_AGENT_SHARD_INDEX")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="EDGELOOP_AGENT_NUM_SHARDS")] = None,
+    max_samples: Annotated[int | None, typer.Option(help="EDGELOOP_AGENT_MAX_SAMPLES")] = None,
+    rate_per_s: Annotated[float | None, typer.Option(help="EDGELOOP_AGENT_RATE_PER_S")] = None,
+    upload_mode: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_UPLOAD_MODE")] = None,
+    status_port: Annotated[int | None, typer.Option(help="EDGELOOP_AGENT_STATUS_PORT (-1 off)")] = None,
+    enrollment_token: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_ENROLLMENT_TOKEN")] = None,
+    log_level: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_LOG_LEVEL")] = None,
 ) -> None:
     """Run the agent daemon until SIGINT/SIGTERM."""
     from pydantic import ValidationError
@@ -136,12 +136,12 @@ def fleet_run(
     method: Annotated[str, typer.Option(help="Round method (full, dpu...).")] = "full",
     model_kind: Annotated[str, typer.Option(help="mlp or cnn.")] = "mlp",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs per round.")] = 5,
-    params: Annotated[Optional[str], typer.Option(help="Extra round params as JSON.")] = None,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Keep server/agent data here (default: a temp dir, removed).")] = None,
-    database_url: Annotated[Optional[str], typer.Option(help="Default: SQLite in the work dir.")] = None,
+    params: Annotated[str | None, typer.Option(help="Extra round params as JSON.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Keep server/agent data here (default: a temp dir, removed).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="Default: SQLite in the work dir.")] = None,
     rate_per_s: Annotated[float, typer.Option(help="Samples per second per agent.")] = 400.0,
     round_timeout_s: Annotated[float, typer.Option(help="Give up on a round after this long.")] = 900.0,
-    json_out: Annotated[Optional[Path], typer.Option(help="Save the per-round figures here.")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="Save the per-round figures here.")] = None,
 ) -> None:
     """Start a server and N agents locally, run update rounds through REST, print a table."""
     import json as _json

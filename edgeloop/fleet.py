@@ -189,7 +189,7 @@ class LocalFleet:
             if report["status"] == "done" and report["devices_on_version"] >= report["devices_total"]:
                 break
             time.sleep(0.3)
-        devices = {d["id"]: d for d in self.get("/devices")["data"]}
+        devices = {d["id"]: d for d in self.get("/devices?limit=1000")["data"]}
         accs = [d["metrics"].get("recent_accuracy", d["metrics"].get("accuracy")) for d in devices.values() if d["model_hash"] == report.get("model_hash")]
         accs = [a for a in accs if a is not None]
         m = report.get("metrics", {})

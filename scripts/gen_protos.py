@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def generate(out: Path) -> list[Path]:
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     protos = sorted((ROOT / "protos" / "edgeloop" / "v1").glob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"

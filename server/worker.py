@@ -157,6 +157,8 @@ class RoundWorker:
             rnd.device_ids = [d.id for d in devices]
             metrics["publish_seconds"] = round(time.monotonic() - t0 - metrics.get("train_seconds", 0), 3)
             rnd.metrics = metrics
+            mv.metrics = dict(metrics)
+            rnd.progress_message = f"published version {mv.number}"
             R.transition(s, rnd, R.DONE)
         log.info("round %s done: version %s -> %d devices", round_id, mv.model_hash[:12], len(devices))
         self.targets_changed.notify()

@@ -15,6 +15,7 @@ content; the server recomputes it and refuses a mismatch.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 
 import numpy as np
@@ -53,7 +54,7 @@ def decode_sample(payload: bytes) -> np.ndarray:
     if not 1 <= ndim <= 4 or len(payload) < 6 + 4 * ndim:
         raise SampleFormatError(f"bad sample header (ndim={ndim}, {len(payload)} bytes)")
     shape = struct.unpack(f"<{ndim}I", payload[6 : 6 + 4 * ndim])
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: np.prod wraps at 2**64 (65536**4 would pass as 0)
     if count > MAX_SAMPLE_ELEMENTS:
         raise SampleFormatError(f"sample claims {count} elements (limit {MAX_SAMPLE_ELEMENTS})")
     dtype = _CODES[code]

@@ -7,11 +7,11 @@ are open for probes and scrapers. OpenAPI: /docs and /openapi.json.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.deps import require_operator
+from server.api.deps import OperatorDep
 from server.api.errors import error_response, install_error_handlers
 from server.api.routes import devices, health, models, rounds, samples
 from server.context import ServerContext
@@ -84,7 +84,7 @@ def create_app(ctx: ServerContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> F
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(require_operator)])
+    api = APIRouter(prefix=API_PREFIX, dependencies=[OperatorDep])
     for module in (devices, samples, models, rounds):
         api.include_router(module.router)
     app.include_router(api)

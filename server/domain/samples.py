@@ -109,15 +109,19 @@ def sample_counts(session: Session) -> list[dict]:
 
 
 def label_samples(session: Session, labels: list[tuple[str, str | None, int]], num_classes: int) -> int:
-    """Set labels: ``(sample_id, device_id or None for every device, label)``. Returns rows changed."""
-    changed = 0
-    for sid, device_id, label in labels:
+    """Set labels: ``(sample_id, device_id or None for every device, label)``. Returns rows
+    changed. All-or-nothing: an unknown sample or a bad label raises before anything changes."""
+    for _sid, _dev, label in labels:
         if not 0 <= label < num_classes:
             raise InvalidArgumentError(f"label {label} outside [0, {num_classes})")
-        query = select(Sample).where(Sample.sample_id == sid)
-        if device_id:
-            query = query.where(Sample.device_id == device_id)
-        found = list(session.scalars(query))
+    rows: dict[str, list[Sample]] = {}
+    ids = sorted({sid for sid, _, _ in labels})
+    for i in range(0, len(ids), 500):  # one query per 500 ids, not one per label
+        for row in session.scalars(select(Sample).where(Sample.sample_id.in_(ids[i : i + 500]))):
+            rows.setdefault(row.sample_id, []).append(row)
+    changed = 0
+    for sid, device_id, label in labels:
+        found = [r for r in rows.get(sid, []) if device_id in (None, "", r.device_id)]
         if not found:
             raise NotFoundError(f"sample {sid[:16]}... not found")
         for row in found:

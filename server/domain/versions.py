@@ -11,7 +11,12 @@ from sqlalchemy.orm import Session
 from server.db.models import Artefact, ModelVersion
 from server.domain.errors import NotFoundError
 from server.store.blobs import BlobStore
-from shared.artefacts import FULL_MODEL_ENCODING, SEED_MODEL_ENCODING, decode_artefact, encode_full_model
+from shared.artefacts import (
+    FULL_MODEL_ENCODING,
+    SEED_MODEL_ENCODING,
+    decode_artefact,
+    encode_full_model,
+)
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 
 

@@ -14,11 +14,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
-from server.db.engine import transaction
 from server.db.base import utcnow
+from server.db.engine import transaction
 from server.db.models import Delivery, Device
 from server.domain import devices as D
-from server.domain.errors import ConflictError, DomainError, InvalidArgumentError, NotFoundError, UnauthenticatedError
+from server.domain.errors import (
+    ConflictError,
+    DomainError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnauthenticatedError,
+)
 from server.domain.samples import SampleIn, ingest_samples
 from server.domain.versions import get_version, plan_update
 from server.notifier import Notifier

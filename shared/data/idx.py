@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (``.gz`` is decompressed transparently) into a numpy array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut or damaged download
+        raise IdxFormatError(f"{path}: corrupt gzip stream ({exc})") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise IdxFormatError(f"{path}: bad IDX magic {raw[:4]!r}")
     code, ndim = raw[2], raw[3]
@@ -39,7 +44,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise IdxFormatError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[code])
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: np.prod would wrap at 2**64 and pass a forged header
     if count > _MAX_IDX_ELEMENTS:
         raise IdxFormatError(f"{path}: IDX header claims {count} elements")
     body = raw[4 + 4 * ndim :]

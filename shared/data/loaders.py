@@ -157,6 +157,8 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+        raise ValueError(f"{path}: not an .npz archive (found a single {type(npz).__name__})")
     with npz:
         keys = set(npz.files)
 

@@ -36,7 +36,7 @@ def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
     state = model.state_dict()
     streams = np.random.SeedSequence(seed).spawn(len(state))
     modules = dict(model.named_modules())
-    for (name, tensor), stream in zip(state.items(), streams):
+    for (name, tensor), stream in zip(state.items(), streams, strict=True):
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
         if isinstance(owner, nn.modules.batchnorm._NormBase):

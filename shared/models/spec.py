@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,9 +29,18 @@ class ArchSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
-        object.__setattr__(self, "hidden", tuple(int(d) for d in self.hidden))
-        object.__setattr__(self, "channels", tuple(int(d) for d in self.channels))
+        # Specs arrive as JSON inside artefacts: refuse 2.5 or "512" rather than truncating
+        # or splitting them into digits.
+        for name in ("input_shape", "hidden", "channels"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+                isinstance(d, numbers.Integral) for d in value
+            ):
+                raise ValueError(f"{name} must be a sequence of integers, got {value!r}")
+            object.__setattr__(self, name, tuple(int(d) for d in value))
+        if not isinstance(self.num_classes, numbers.Integral):
+            raise ValueError(f"num_classes must be an integer, got {self.num_classes!r}")
+        object.__setattr__(self, "num_classes", int(self.num_classes))
         if self.kind not in KINDS:
             raise ValueError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
         if not 1 <= len(self.input_shape) <= 3 or any(d < 1 or d > _MAX_WIDTH for d in self.input_shape):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from server.api.deps import CtxDep, SessionDep
 from server.api.errors import responses
@@ -14,8 +14,9 @@ from server.db.models import Device
 from server.domain import devices as D
 from server.settings import ServerSettings
 
-router = APIRouter(prefix="/devices", tags=["devices"], responses=responses(401))
+router = APIRouter(prefix="/devices", tags=["devices"], responses=responses(401, 422))
 
+DeviceId = Annotated[str, Path(max_length=64, description="Device id (from GET /api/v1/devices).")]
 ONLINE_HEARTBEATS = 3  # a device is online if heard from within this many heartbeat intervals
 
 
@@ -48,7 +49,7 @@ def device_public(device: Device, settings: ServerSettings) -> DevicePublic:
     )
 
 
-@router.get("", response_model=DevicesPublic, responses=responses(422))
+@router.get("", response_model=DevicesPublic)
 def list_devices(
     session: SessionDep,
     ctx: CtxDep,
@@ -62,19 +63,19 @@ def list_devices(
 
 
 @router.get("/{device_id}", response_model=DevicePublic, responses=responses(404))
-def get_device(device_id: str, session: SessionDep, ctx: CtxDep) -> DevicePublic:
+def get_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DevicePublic:
     """One device: identity, tags, hardware and its live status."""
     return device_public(D.get_device(session, device_id), ctx.settings)
 
 
 @router.get("/{device_id}/status", response_model=DeviceStatusPublic, responses=responses(404))
-def get_device_status(device_id: str, session: SessionDep, ctx: CtxDep) -> DeviceStatusPublic:
+def get_device_status(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DeviceStatusPublic:
     """Only what the device's heartbeats report: model, subnet, budget, metrics, state."""
     return DeviceStatusPublic(**_status_fields(D.get_device(session, device_id), ctx.settings))
 
 
-@router.patch("/{device_id}", response_model=DevicePublic, responses=responses(404, 413, 422))
-def update_device(device_id: str, body: DeviceUpdate, session: SessionDep, ctx: CtxDep) -> DevicePublic:
+@router.patch("/{device_id}", response_model=DevicePublic, responses=responses(404, 413))
+def update_device(device_id: DeviceId, body: DeviceUpdate, session: SessionDep, ctx: CtxDep) -> DevicePublic:
     """Rename a device or replace its tag set; omitted fields are kept."""
     device = D.get_device(session, device_id)
     if body.tags is not None:
@@ -86,7 +87,7 @@ def update_device(device_id: str, body: DeviceUpdate, session: SessionDep, ctx: 
 
 
 @router.post("/{device_id}/revoke", response_model=DevicePublic, responses=responses(404))
-def revoke_device(device_id: str, session: SessionDep, ctx: CtxDep) -> DevicePublic:
+def revoke_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DevicePublic:
     """Refuse the device's credential from now on (idempotent). Re-registering with the
     enrollment token issues a new credential and lifts the revocation."""
     device = D.get_device(session, device_id)

@@ -12,12 +12,17 @@ from sqlalchemy.orm import Session
 
 from server.api.deps import CtxDep, SessionDep
 from server.api.errors import responses
-from server.api.schemas import ArtefactPublic, ArtefactsPublic, ModelVersionPublic, ModelVersionsPublic
+from server.api.schemas import (
+    ArtefactPublic,
+    ArtefactsPublic,
+    ModelVersionPublic,
+    ModelVersionsPublic,
+)
 from server.db.models import Artefact, ModelVersion
 from server.domain.errors import NotFoundError
 from server.domain.versions import get_version, latest_version
 
-router = APIRouter(prefix="/models", tags=["models"], responses=responses(401))
+router = APIRouter(prefix="/models", tags=["models"], responses=responses(401, 422))
 
 ModelRef = Annotated[
     str,
@@ -59,7 +64,7 @@ def _artefact_public(a: Artefact) -> ArtefactPublic:
     )
 
 
-@router.get("", response_model=ModelVersionsPublic, responses=responses(422))
+@router.get("", response_model=ModelVersionsPublic)
 def list_models(
     session: SessionDep,
     offset: Annotated[int, Query(ge=0, description="Versions to skip.")] = 0,
@@ -119,7 +124,7 @@ def list_artefacts(model_ref: ModelRef, session: SessionDep) -> ArtefactsPublic:
     response_class=FileResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The artefact bytes."},
-        **responses(404, 422),
+        **responses(404),
     },
 )
 def download_artefact(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
@@ -15,8 +15,8 @@ from server.api.schemas import (
     MethodsPublic,
     RoundCreate,
     RoundPublic,
-    RoundSummaryPublic,
     RoundsPublic,
+    RoundSummaryPublic,
 )
 from server.db.base import utcnow
 from server.db.models import Round
@@ -24,8 +24,9 @@ from server.domain import rounds as R
 from server.domain.errors import ConflictError, InvalidArgumentError
 from server.training.registry import DEFAULT_METHOD, POLICIES, get_policy
 
-router = APIRouter(prefix="/rounds", tags=["rounds"], responses=responses(401))
+router = APIRouter(prefix="/rounds", tags=["rounds"], responses=responses(401, 422))
 
+RoundId = Annotated[str, Path(max_length=64, description="Round id (from POST or GET /api/v1/rounds).")]
 CANCELLED = "cancelled by an operator"
 
 
@@ -39,7 +40,7 @@ def summary(rnd: Round) -> RoundSummaryPublic:
     )
 
 
-@router.post("", status_code=202, response_model=RoundPublic, responses=responses(404, 413, 422))
+@router.post("", status_code=202, response_model=RoundPublic, responses=responses(404, 413))
 def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx: CtxDep) -> RoundPublic:
     """Queue a round; the worker trains, and on success publishes a version for the cohort.
     Params are checked now (so a typo fails here, not in the worker) and stored resolved.
@@ -66,7 +67,7 @@ def list_methods() -> MethodsPublic:
     return MethodsPublic(data=data, count=len(data))
 
 
-@router.get("", response_model=RoundsPublic, responses=responses(422))
+@router.get("", response_model=RoundsPublic)
 def list_rounds(
     session: SessionDep,
     offset: Annotated[int, Query(ge=0, description="Rounds to skip.")] = 0,
@@ -78,13 +79,13 @@ def list_rounds(
 
 
 @router.get("/{round_id}", response_model=RoundPublic, responses=responses(404))
-def get_round(round_id: str, session: SessionDep) -> RoundPublic:
+def get_round(round_id: RoundId, session: SessionDep) -> RoundPublic:
     """Status, progress, reason, metrics, and per-device bytes sent / devices on the new version."""
     return RoundPublic.model_validate(R.round_report(session, R.get_round(session, round_id)))
 
 
 @router.post("/{round_id}/cancel", response_model=RoundPublic, responses=responses(404, 409))
-def cancel_round(round_id: str, session: SessionDep) -> RoundPublic:
+def cancel_round(round_id: RoundId, session: SessionDep) -> RoundPublic:
     """Fail a round that is still queued. A running round cannot be cancelled (409)."""
     rnd = R.get_round(session, round_id)
     # Conditional update: the worker may claim the round between our read and this write.

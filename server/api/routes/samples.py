@@ -20,7 +20,7 @@ from server.api.schemas import (
 from server.db.models import Sample
 from server.domain.samples import label_samples, sample_counts
 
-router = APIRouter(prefix="/samples", tags=["samples"], responses=responses(401))
+router = APIRouter(prefix="/samples", tags=["samples"], responses=responses(401, 422))
 
 
 @router.get("/counts", response_model=SampleCountsPublic)
@@ -44,7 +44,7 @@ def get_sample_counts(session: SessionDep) -> SampleCountsPublic:
     return SampleCountsPublic(devices=devices, labelled=labelled, unlabelled=unlabelled, total=labelled + unlabelled)
 
 
-@router.get("", response_model=SamplesPublic, responses=responses(422))
+@router.get("", response_model=SamplesPublic)
 def list_samples(
     session: SessionDep,
     device_id: Annotated[str | None, Query(max_length=32, description="Only this device's samples.")] = None,
@@ -63,7 +63,7 @@ def list_samples(
     return SamplesPublic(data=[SamplePublic.model_validate(r) for r in rows], count=count)
 
 
-@router.post("/labels", response_model=LabelsUpdated, responses=responses(404, 413, 422))
+@router.post("/labels", response_model=LabelsUpdated, responses=responses(404, 413))
 def set_labels(body: LabelsUpdate, session: SessionDep, ctx: CtxDep) -> LabelsUpdated:
     """Set labels in one transaction: an unknown sample or a label out of range changes nothing."""
     n = label_samples(
