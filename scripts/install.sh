@@ -20,6 +20,8 @@ VPY="$VENV/bin/python"
 if "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "install: keeping existing torch $("$VPY" -c 'import torch; print(torch.__version__)')"
 else
+  # On this project's machines a CPU wheel of torch 2.13.0 is on pip's find-links path; elsewhere
+  # on x86_64 set PIP_INDEX_URL=https://download.pytorch.org/whl/cpu to avoid the CUDA build.
   echo "install: installing torch==2.13.0 (CPU)"
   "$VPY" -m pip install -q "torch==2.13.0"
 fi

@@ -38,7 +38,7 @@ def _bind(host: str, port: int) -> socket.socket:
 class EdgeLoopServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.ctx = ServerContext.open(settings)
+        self.ctx = ServerContext.open(settings, run_migrations=settings.migrate_on_start)
         self.worker = RoundWorker(settings, self.ctx.factory, self.ctx.blobs,
                                   rounds_wakeup=self.ctx.rounds_wakeup, targets_changed=self.ctx.targets_changed)
         self.grpc_port = 0

@@ -44,6 +44,7 @@ class ServerSettings(BaseSettings):
     fsync: bool = Field(True, description="fsync blobs before acknowledging (turn off only for throwaway tests).")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of labelled samples held out for validation (fixed per sample by its hash).")
     grpc_max_workers: int = Field(256, ge=4, description="gRPC handler threads; each open WatchUpdates stream holds one.")
+    migrate_on_start: bool = Field(True, description="Apply Alembic migrations when the server starts (turn off when a separate `edgeloop server migrate` step runs first).")
     log_level: str = Field("INFO")
 
     @field_validator("model_kind")
