@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import shared.codec  # noqa: F401 - registers the diff/sparse-v1 decoder
 from edge_agent.client import FleetClient, PermanentError, TransientError
 from edge_agent.download import DownloadIntegrityError, PartialDownload
 from edge_agent.model_store import ModelStore

@@ -130,12 +130,12 @@ def agent_run(
 @fleet_app.command("run")
 def fleet_run(
     agents: Annotated[int, typer.Option(min=1, max=64, help="Number of agent processes.")] = 3,
-    rounds: Annotated[int, typer.Option(min=1, max=100, help="Update rounds to run.")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, max=100, help="Update rounds to run.")] = 3,
     dataset: Annotated[str, typer.Option(help="Dataset name, .npz file or class folder.")] = "fashion-mnist",
     samples_per_agent: Annotated[int, typer.Option(min=10, help="Samples each agent streams in total.")] = 1000,
-    method: Annotated[str, typer.Option(help="Round method (full, dpu...).")] = "full",
+    method: Annotated[str, typer.Option(help="Round method: dpu (sparse diffs) or full.")] = "dpu",
     model_kind: Annotated[str, typer.Option(help="mlp or cnn.")] = "mlp",
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per round.")] = 5,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per round (per DPU step).")] = 10,
     params: Annotated[str | None, typer.Option(help="Extra round params as JSON.")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Keep server/agent data here (default: a temp dir, removed).")] = None,
     database_url: Annotated[str | None, typer.Option(help="Default: SQLite in the work dir.")] = None,

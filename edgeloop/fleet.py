@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class FleetConfig:
     agents: int = 3
-    rounds: int = 2
+    rounds: int = 3
     dataset: str = "fashion-mnist"
     samples_per_agent: int = 1000
-    method: str = "full"
+    method: str = "dpu"
     model_kind: str = "mlp"
-    epochs: int = 5
+    epochs: int = 10
     extra_params: dict[str, Any] = field(default_factory=dict)
     work_dir: Path | None = None
     database_url: str | None = None
@@ -211,8 +211,8 @@ def _fmt_acc(a: float | None) -> str:
 
 def render_table(rows: list[RoundRow], console: Console) -> None:
     table = Table(title="EdgeLoop local fleet: update rounds")
-    for col in ("round", "status", "labelled", "val acc before -> after", "bytes sent per agent",
-                "agents on new version", "agent acc", "wall s"):
+    for col in ("round", "method", "status", "labelled", "val acc before -> after", "bytes sent per agent",
+                "vs full model", "agents on new version", "agent acc", "wall s"):
         table.add_column(col, justify="right")
     for r in rows:
         sent = list(r.bytes_per_agent.values())
@@ -222,9 +222,12 @@ def render_table(rows: list[RoundRow], console: Console) -> None:
             per_agent = f"{sent[0]:,}"
         else:
             per_agent = f"{min(sent):,} - {max(sent):,}"
-        table.add_row(str(r.round), r.status if r.status != "skipped" else f"skipped ({r.reason[:40]})",
+        full = r.metrics.get("full_model_bytes")
+        ratio = f"{100 * max(sent) / full:.2f}%" if sent and full else "-"
+        method = r.metrics.get("variant", "") + (f" k={r.metrics['k']:g}" if r.metrics.get("variant") not in (None, "full") else "")
+        table.add_row(str(r.round), method or "-", r.status if r.status != "skipped" else f"skipped ({r.reason[:40]})",
                       str(r.labelled_samples), f"{_fmt_acc(r.base_val_accuracy)} -> {_fmt_acc(r.val_accuracy)}",
-                      per_agent, f"{r.agents_on_version}/{r.agents_total}", _fmt_acc(r.agent_accuracy),
+                      per_agent, ratio, f"{r.agents_on_version}/{r.agents_total}", _fmt_acc(r.agent_accuracy),
                       f"{r.wall_s:.1f}")
     console.print(table)
 

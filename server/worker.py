@@ -16,6 +16,7 @@ from server.domain import rounds as R
 from server.domain.devices import resolve_cohort
 from server.domain.samples import SampleCache, load_labelled
 from server.domain.versions import add_artefact, latest_version, load_state, publish_version
+from shared.artefacts import SEED_MODEL_ENCODING, encode_seed_model
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
@@ -112,6 +113,7 @@ class RoundWorker:
             arch = self.settings.arch
             base_hash = base.model_hash if base else None
             base_state = load_state(s, self.blobs, base_hash)[1] if base_hash else None
+            base_metrics = {**(base.metrics or {}), "method": base.method} if base else {}
             data = load_labelled(s, self.cache, arch, self.settings.val_fraction)
             rnd.base_model_hash = base_hash
             rnd.progress_message = f"training on {data.total} labelled samples"
@@ -120,7 +122,7 @@ class RoundWorker:
         with tqdm(total=1, desc=f"round {round_id[:8]}", unit="step", leave=True, mininterval=1.0) as bar:
             outcome = policy.run(RoundInputs(
                 arch=arch, base_state=base_state, base_hash=base_hash, data=data, params=params,
-                progress=self._progress_fn(round_id, bar), carry=self.carry.setdefault(rnd.method, {}),
+                base_metrics=base_metrics, progress=self._progress_fn(round_id, bar), carry=self.carry.setdefault(rnd.method, {}),
             ))
         self.carry[rnd.method] = outcome.carry or self.carry.get(rnd.method, {})
         train_s = time.monotonic() - t0
@@ -140,16 +142,28 @@ class RoundWorker:
         with transaction(self.factory) as s:
             rnd = R.get_round(s, round_id)
             devices = resolve_cohort(s, rnd.cohort)
+            parent = base_hash
+            if outcome.reinit_seed is not None and outcome.diff_base_state is not None:
+                # Re-initialisation (DPU §5.4.2): the seeded weights are a version of their own,
+                # reachable from any model through a ~200-byte seed artefact.
+                seeded = publish_version(s, self.blobs, arch=arch, state=outcome.diff_base_state,
+                                         parent_hash=base_hash, method="reinit", metrics={},
+                                         round_id=round_id, reinit_seed=outcome.reinit_seed)
+                add_artefact(s, self.blobs, encode_seed_model(arch, outcome.reinit_seed, seeded.model_hash),
+                             encoding=SEED_MODEL_ENCODING, target_hash=seeded.model_hash)
+                parent = seeded.model_hash
+                metrics["reinit_version"] = seeded.number
             mv = publish_version(
-                s, self.blobs, arch=arch, state=outcome.state, parent_hash=base_hash, method=rnd.method,
+                s, self.blobs, arch=arch, state=outcome.state, parent_hash=parent, method=rnd.method,
                 metrics=metrics, round_id=round_id, reinit_seed=outcome.reinit_seed,
                 fleet_default=bool(rnd.cohort.get("all")),
             )
             full_size = self.blobs.size(mv.full_artefact_sha256)
             metrics["full_model_bytes"] = full_size
-            if outcome.diff is not None and base_hash:
+            diff_base = outcome.diff_base_hash or base_hash
+            if outcome.diff is not None and diff_base:
                 art = add_artefact(s, self.blobs, outcome.diff, encoding=outcome.diff_encoding or "",
-                                   target_hash=mv.model_hash, base_hash=base_hash)
+                                   target_hash=mv.model_hash, base_hash=diff_base)
                 metrics["diff_bytes"] = art.size
             for dev in devices:
                 dev.target_model_hash = mv.model_hash

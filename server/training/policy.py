@@ -32,6 +32,9 @@ class RoundInputs:
     data: LabelledData
     params: Any  # an instance of the policy's Params
     progress: ProgressFn
+    # Metrics of the deployed version (plus its "method"): bookkeeping that must survive
+    # restarts, e.g. DPU's data size at the last re-initialisation, travels here.
+    base_metrics: dict[str, Any] = field(default_factory=dict)
     # Policy-owned state carried between rounds (e.g. DPU's data size at the last
     # re-initialisation, quantisation residuals); JSON-able values or tensors.
     carry: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +49,10 @@ class RoundOutcome:
     # Optional smaller artefact against the base model (e.g. a sparse diff) and its encoding.
     diff: bytes | None = None
     diff_encoding: str | None = None
+    # The model the diff applies to: the deployed model, or (after a re-initialisation) the
+    # seeded weights, given as their state so the worker can publish that version too.
+    diff_base_hash: str | None = None
+    diff_base_state: dict[str, torch.Tensor] | None = None
     carry: dict[str, Any] = field(default_factory=dict)
 
 

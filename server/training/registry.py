@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from server.domain.errors import InvalidArgumentError
+from server.training.dpu import DPUPolicy
 from server.training.full import FullRetrainPolicy
 from server.training.policy import UpdatePolicy
 
-POLICIES: dict[str, UpdatePolicy] = {p.name: p for p in (FullRetrainPolicy(),)}
-DEFAULT_METHOD = "full"
+POLICIES: dict[str, UpdatePolicy] = {p.name: p for p in (FullRetrainPolicy(), DPUPolicy())}
+DEFAULT_METHOD = "dpu"
 
 
 def get_policy(method: str) -> UpdatePolicy:

@@ -19,7 +19,7 @@ def _installed_hash(agent_dir: Path) -> str:
 
 def test_round_reaches_every_agent(tmp_path: Path) -> None:
     cfg = FleetConfig(agents=3, rounds=1, samples_per_agent=300, epochs=4, work_dir=tmp_path,
-                      rate_per_s=0, round_timeout_s=300)
+                      rate_per_s=0, round_timeout_s=300, method="full")
     fleet = LocalFleet(cfg)
     try:
         fleet.start()
@@ -37,6 +37,30 @@ def test_round_reaches_every_agent(tmp_path: Path) -> None:
         for i in range(3):
             assert _installed_hash(tmp_path / f"agent-{i}") == row.model_hash
         assert all(b > 0 for b in row.bytes_per_agent.values())
+    finally:
+        fleet.stop()
+
+
+def test_dpu_round_ships_a_sparse_diff_to_every_agent(tmp_path: Path) -> None:
+    cfg = FleetConfig(agents=2, rounds=2, samples_per_agent=400, epochs=3, work_dir=tmp_path, rate_per_s=0,
+                      method="dpu", extra_params={"k": 0.01, "skip_if_worse": False}, round_timeout_s=300)
+    fleet = LocalFleet(cfg)
+    try:
+        fleet.start()
+        fleet.wait_for_labelled(800, timeout=120)
+        first = fleet.run_round(1)  # from the untrained version 0: a full training
+        assert first.status == "done" and first.metrics["variant"] == "full", first.reason
+        second = fleet.run_round(2)
+        assert second.status == "done", second.reason
+        assert second.metrics["variant"] == "dpu"
+        assert second.agents_on_version == 2
+        full = second.metrics["full_model_bytes"]
+        for name, sent in second.bytes_per_agent.items():
+            assert 0 < sent < full / 20, f"{name} received {sent} bytes for a k=0.01 update (full model {full})"
+        artefacts = fleet.get(f"/models/{second.model_hash}/artefacts")["data"]
+        assert any(a["encoding"] == "diff/sparse-v1" for a in artefacts)
+        for i in range(2):
+            assert _installed_hash(tmp_path / f"agent-{i}") == second.model_hash
     finally:
         fleet.stop()
 
