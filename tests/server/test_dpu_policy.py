@@ -1,0 +1,112 @@
+"""The DPU update policy: byte budgets, quantised values with error feedback, re-initialisation
+published as a seed artefact plus a diff, all decodable exactly as a device would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import shared.codec as codec
+from server.domain.samples import LabelledData
+from server.training.dpu import DPUParams, DPUPolicy
+from server.training.policy import RoundInputs
+from shared.artefacts import decode_artefact
+from shared.data import load_dataset
+from shared.models import ArchSpec, build_model, init_weights_from_seed
+from shared.tensors import model_hash
+from shared.training import TrainConfig, train_supervised
+
+ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ds = load_dataset("digits")
+    n = len(ds.y_train)
+    data = LabelledData(ds.x_train, ds.y_train, ds.x_test, ds.y_test)
+    model = init_weights_from_seed(build_model(ARCH), 0)
+    # A deployed model trained on a third of the data, as after an earlier round.
+    train_supervised(model, ds.x_train[: n // 3], ds.y_train[: n // 3], TrainConfig(epochs=3, seed=0))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    return data, base
+
+
+def _run(setup, carry=None, **params):
+    data, base = setup
+    p = DPUParams(epochs=2, batch_size=128, skip_if_worse=False, **params)
+    return DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), data=data, params=p,
+                                       progress=lambda *a: None, base_metrics={"method": "dpu", "n_at_last_init": 10_000},
+                                       carry=carry or {}))
+
+
+def test_diff_decodes_to_the_published_state(setup) -> None:
+    _, base = setup
+    out = _run(setup, k=0.02)
+    assert out.state is not None and out.diff is not None
+    decoded = decode_artefact(out.diff, base)
+    assert decoded.model_hash == model_hash(out.state)
+    assert decoded.base_hash == model_hash(base)
+    changed = sum(int((out.state[n] != base[n]).sum()) for n in base if base[n].dim() > 1)
+    assert changed <= out.metrics["nnz"]
+
+
+def test_byte_budget_is_respected(setup) -> None:
+    out = _run(setup, byte_budget=2500)
+    assert out.state is not None
+    assert len(out.diff) <= 2500
+    assert out.metrics["k"] < 0.1
+
+
+def test_int8_values_publish_what_the_device_reconstructs_and_carry_the_error(setup) -> None:
+    _, base = setup
+    out = _run(setup, k=0.05, value_format="int8")
+    assert out.state is not None
+    decoded = codec.decode_diff(out.diff, base)
+    assert decoded.model_hash == model_hash(out.state)
+    residual = out.carry["residual"]
+    assert any(float(r.abs().max()) > 0 for r in residual.values())
+    # The next round absorbs the carried error where it ships values.
+    again = _run(setup, carry=out.carry, k=0.05, value_format="int8")
+    assert "residual" in again.carry
+
+
+def test_forced_reinitialisation_ships_a_diff_against_the_seeded_weights(setup) -> None:
+    out = _run(setup, k=0.05, reinit=True, init_seed=7)
+    if out.state is None:
+        pytest.skip(f"re-initialised candidate was skipped: {out.skip_reason}")
+    assert out.reinit_seed == 7
+    seeded = init_weights_from_seed(build_model(ARCH), 7).state_dict()
+    assert out.diff_base_hash == model_hash(seeded)
+    decoded = decode_artefact(out.diff, seeded)
+    assert decoded.model_hash == model_hash(out.state)
+
+
+def test_unknown_params_are_refused() -> None:
+    with pytest.raises(ValueError):
+        DPUPolicy().parse_params({"k": 0.01, "nonsense": 1})
+    with pytest.raises(ValueError):
+        DPUPolicy().parse_params({"k": 0})
+    with pytest.raises(ValueError):
+        DPUPolicy().parse_params({"value_format": "int4"})
+
+
+def test_round_inputs_arrays_are_not_modified(setup) -> None:
+    data, _ = setup
+    before = data.x_train.copy()
+    _run(setup, k=0.01)
+    assert np.array_equal(before, data.x_train)
+
+
+def test_data_doubling_triggers_reinitialisation_automatically(setup) -> None:
+    data, _ = setup
+    p = DPUParams(epochs=3, batch_size=64, skip_if_worse=False, k=0.05, init_seed=3)
+    _, base = setup
+    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), data=data, params=p,
+                                      progress=lambda *a: None,
+                                      base_metrics={"method": "dpu", "n_at_last_init": len(data.y_train) // 3}))
+    assert out.state is not None
+    if out.reinit_seed is None:  # the fallback retrained from the deployed weights instead
+        assert out.metrics.get("notes")
+    else:
+        assert out.reinit_seed == 3
+        assert out.metrics["n_at_last_init"] == len(data.y_train)
