@@ -71,10 +71,14 @@ class Updater:
         """Walk from the running model to ``target`` (a chain of diffs or a full model).
 
         Raises TransientError (retry later; the partial download is kept) or UpdateFailed."""
+        visited: set[str] = set()
         for _ in range(MAX_CHAIN):
             if self.runner.model_hash == target:
                 self.state = "idle"
                 return
+            if self.runner.model_hash in visited:
+                raise UpdateFailed(f"update path to {target[:12]} loops back to {self.runner.model_hash[:12]}")
+            visited.add(self.runner.model_hash)
             self._one_artefact(target)
         raise UpdateFailed(f"still not on {target[:12]} after {MAX_CHAIN} artefacts")
 

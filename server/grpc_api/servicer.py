@@ -16,7 +16,7 @@ from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server.db.base import utcnow
 from server.db.engine import transaction
-from server.db.models import Delivery, Device
+from server.db.models import Delivery, Device, ModelVersion
 from server.domain import devices as D
 from server.domain.errors import (
     ConflictError,
@@ -189,6 +189,8 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
     def WatchUpdates(self, request: pb.WatchUpdatesRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchUpdatesResponse]:
         with domain_errors(context), transaction(self.factory) as s:
             device_id = self._device(s, context).id
+        # A cancelled stream wakes its handler thread at once instead of at the next keepalive.
+        context.add_callback(self.targets_changed.notify)
         limit = self.settings.watch_max_seconds
         if request.max_seconds > 0:
             limit = min(limit, request.max_seconds)
@@ -201,8 +203,10 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                 if device is None or device.revoked:
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, "device revoked")
                 target = device.target_model_hash
+                mv = s.get(ModelVersion, target) if target and target != last_sent else None
+                round_id = (mv.round_id or "") if mv else ""
             if target != last_sent:
-                yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=False)
+                yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=False, round_id=round_id)
                 last_sent = target
             else:
                 yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=True)

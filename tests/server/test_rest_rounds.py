@@ -47,11 +47,11 @@ BAD_ROUNDS = [  # (body, part of the expected detail)
     ({"cohort": {"device_ids": []}}, "body.cohort.device_ids"),
     ({"cohort": {"tag": "Bad Tag"}}, "body.cohort.tag: String should match pattern"),
     ({"cohort": {"everyone": True}}, "body.cohort.everyone: Extra inputs are not permitted"),
-    ({"method": "nope"}, "unknown method 'nope'; available: ['full"),
+    ({"method": "nope"}, "unknown method 'nope'; available: ['dpu', 'full']"),
     ({"method": ""}, "body.method"),
-    ({"params": {"epochs": 0}}, "invalid params for method 'full': epochs: Input should be greater than or equal to 1"),
-    ({"params": {"epochz": 3}}, "invalid params for method 'full': epochz: Extra inputs are not permitted"),
-    ({"params": {"lr": "fast"}}, "invalid params for method 'full': lr: Input should be a valid number"),
+    ({"method": "full", "params": {"epochs": 0}}, "invalid params for method 'full': epochs: Input should be greater than or equal to 1"),
+    ({"method": "full", "params": {"epochz": 3}}, "invalid params for method 'full': epochz: Extra inputs are not permitted"),
+    ({"method": "full", "params": {"lr": "fast"}}, "invalid params for method 'full': lr: Input should be a valid number"),
     ({"params": []}, "body.params: Input should be a valid dictionary"),
     ({"priority": 1}, "body.priority: Extra inputs are not permitted"),
 ]
@@ -86,7 +86,9 @@ def test_round_lookup_cancel_and_unknown_cohort_devices(server_ctx, client):
 
     methods = client.get("/api/v1/rounds/methods").json()
     full = next(m for m in methods["data"] if m["name"] == "full")
-    assert full["default"] is True and "epochs" in full["params_schema"]["properties"]
+    assert full["default"] is False and "epochs" in full["params_schema"]["properties"]
+    dpu = next(m for m in methods["data"] if m["name"] == "dpu")
+    assert dpu["default"] is True and "k" in dpu["params_schema"]["properties"]
 
 
 def test_round_is_trained_by_the_worker_and_reported(server_ctx, client):

@@ -330,43 +330,45 @@ def test_stratified_split_validates_fraction():
             stratified_split(x, y, bad, 0)
 
 
-LABELS = load_dataset("digits").y_train
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    return load_dataset("digits").y_train
 
 
-def test_shards_are_deterministic_disjoint_and_cover_everything():
-    a = shard_non_iid(LABELS, 8, alpha=0.3, seed=5)
-    b = shard_non_iid(LABELS, 8, alpha=0.3, seed=5)
+def test_shards_are_deterministic_disjoint_and_cover_everything(labels):
+    a = shard_non_iid(labels, 8, alpha=0.3, seed=5)
+    b = shard_non_iid(labels, 8, alpha=0.3, seed=5)
     assert len(a) == 8
     for s, t in zip(a, b, strict=True):
         np.testing.assert_array_equal(s, t)
         assert (np.diff(s) > 0).all()  # sorted, no repeats
     allidx = np.concatenate(a)
-    assert len(allidx) == len(LABELS)
-    np.testing.assert_array_equal(np.sort(allidx), np.arange(len(LABELS)))
-    c = shard_non_iid(LABELS, 8, alpha=0.3, seed=6)
+    assert len(allidx) == len(labels)
+    np.testing.assert_array_equal(np.sort(allidx), np.arange(len(labels)))
+    c = shard_non_iid(labels, 8, alpha=0.3, seed=6)
     assert any(len(s) != len(t) or (s != t).any() for s, t in zip(a, c, strict=True))
 
 
-def _skew(shards: list[np.ndarray]) -> float:
+def _skew(labels: np.ndarray, shards: list[np.ndarray]) -> float:
     """Mean total-variation distance between each shard's label mix and the global mix."""
-    glob = label_histogram(LABELS, 10) / len(LABELS)
-    tv = [0.5 * np.abs(label_histogram(LABELS[s], 10) / len(s) - glob).sum() for s in shards]
+    glob = label_histogram(labels, 10) / len(labels)
+    tv = [0.5 * np.abs(label_histogram(labels[s], 10) / len(s) - glob).sum() for s in shards]
     return float(np.mean(tv))
 
 
-def test_label_skew_decreases_with_alpha():
-    skews = [np.mean([_skew(shard_non_iid(LABELS, 10, alpha=a, seed=s)) for s in range(3)])
+def test_label_skew_decreases_with_alpha(labels):
+    skews = [np.mean([_skew(labels, shard_non_iid(labels, 10, alpha=a, seed=s)) for s in range(3)])
              for a in (0.05, 0.5, 5.0, 500.0)]
     assert skews == sorted(skews, reverse=True), skews
     assert skews[0] > 0.5 and skews[-1] < 0.1
 
 
-def test_shard_min_per_shard_and_validation():
-    shards = shard_non_iid(LABELS, 20, alpha=0.1, seed=0, min_per_shard=5)
+def test_shard_min_per_shard_and_validation(labels):
+    shards = shard_non_iid(labels, 20, alpha=0.1, seed=0, min_per_shard=5)
     assert min(len(s) for s in shards) >= 5
     with pytest.raises(ValueError, match="num_shards"):
-        shard_non_iid(LABELS, 0)
+        shard_non_iid(labels, 0)
     with pytest.raises(ValueError, match="alpha"):
-        shard_non_iid(LABELS, 4, alpha=0)
+        shard_non_iid(labels, 4, alpha=0)
     with pytest.raises(ValueError, match="cannot fill"):
-        shard_non_iid(LABELS[:10], 4, min_per_shard=3)
+        shard_non_iid(labels[:10], 4, min_per_shard=3)
