@@ -10,6 +10,7 @@ bench/results/dress.json and bench/results/dress.png.
 
     .venv/bin/python bench/dress.py --quick                 # CPU smoke run, ~1-2 min
     .venv/bin/python bench/dress.py --device cuda           # full run (training on the GPU)
+    .venv/bin/python bench/dress.py --kernels               # the kernel timings behind runner.py
 
 Training runs on ``--device``; latency is always measured on the CPU.
 """
@@ -17,7 +18,6 @@ Training runs on ``--device``; latency is always measured on the CPU.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -47,7 +47,7 @@ from shared.dress import (  # noqa: E402
     train_dress,
 )
 from shared.dress.baseline import RFC20_SCHEDULE, dense_storage_bytes  # noqa: E402
-from shared.dress.train import TensorData, accuracy_on, cross_entropy, sgd_epochs  # noqa: E402
+from shared.dress.loops import TensorData, accuracy_on, cross_entropy, sgd_epochs  # noqa: E402
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,9 +63,12 @@ FULL = {
     "prune_epochs_per_round": 6,  # 5 rounds x 6 = 30 epochs per pruned model = DRESS epochs
     "latency_reps": 400,
     "specs": {"cnn": None, "mlp": None},  # None: shared.models.default_spec
+    # ":uniform" = the same CNN with equal layer-wise sparsity (not in the thesis): global
+    # magnitude keeps the costly 28x28 convolutions dense, uniform trades accuracy for latency.
+    "models": "cnn,cnn:uniform,mlp",
 }
 QUICK = {
-    "train_samples": 3000,
+    "train_samples": 2000,
     "test_samples": 2000,
     "val_samples": 1000,
     "pretrain_epochs": 3,
@@ -75,6 +78,7 @@ QUICK = {
     "latency_reps": 100,
     # A narrower CNN keeps the CPU smoke run short; the full run uses the default spec.
     "specs": {"cnn": {"channels": [8, 16, 32], "hidden": [64]}, "mlp": None},
+    "models": "cnn,mlp",
 }
 
 
@@ -82,21 +86,30 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def spec_for(kind: str, override: dict | None, input_shape: tuple[int, ...], classes: int) -> ArchSpec:
+def spec_for(
+    kind: str, override: dict | None, input_shape: tuple[int, ...], classes: int
+) -> ArchSpec:
     spec = default_spec(kind, input_shape, classes)
     if override:
-        spec = ArchSpec(kind, input_shape, classes, hidden=tuple(override.get("hidden", spec.hidden)),
-                        channels=tuple(override.get("channels", spec.channels)))  # fmt: skip
+        spec = ArchSpec(
+            kind,
+            input_shape,
+            classes,
+            hidden=tuple(override.get("hidden", spec.hidden)),
+            channels=tuple(override.get("channels", spec.channels)),
+        )
     return spec
 
 
-def test_accuracy(state: dict, spec: ArchSpec, test: TensorData) -> float:
+def state_accuracy(state: dict, spec: ArchSpec, test: TensorData) -> float:
     model = build_model(spec).to(test.y.device)
     model.load_state_dict(state)
     return accuracy_on(model, test)
 
 
-def latency_table(dense: torch.nn.Module, runner: DressRunner, input_shape, reps: int, rounds: int = 8) -> dict:
+def latency_table(
+    dense: torch.nn.Module, runner: DressRunner, input_shape, reps: int, rounds: int = 8
+) -> dict:
     """Batch-1 latencies, interleaving dense and every subnet in ``rounds`` so that machine
     load drifts affect all of them alike; returns p50/p95 in ms."""
     x = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(0))
@@ -131,19 +144,29 @@ def latency_table(dense: torch.nn.Module, runner: DressRunner, input_shape, reps
     return out
 
 
-def run_model(kind: str, args, cfg: dict, data: dict) -> dict:
-    device = args.device
-    shape, classes = data["input_shape"], data["num_classes"]
-    spec = spec_for(kind, cfg["specs"][kind], shape, classes)
+def make_config(kind: str, allocation: str, args, cfg: dict) -> DressConfig:
     sparsities = tuple(args.sparsities) if args.sparsities else default_sparsities(kind)
-    config = DressConfig(
-        sparsities=sparsities, gamma=args.gamma, pretrain_epochs=0, epochs=cfg["dress_epochs"],
-        norm_epochs=cfg["norm_epochs"], batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-    )  # fmt: skip
+    return DressConfig(
+        sparsities=sparsities,
+        gamma=args.gamma,
+        allocation=allocation,
+        pretrain_epochs=0,
+        epochs=cfg["dress_epochs"],
+        norm_epochs=cfg["norm_epochs"],
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+
+
+def prepare_kind(kind: str, args, cfg: dict, data: dict) -> dict:
+    """Dense pre-training (stage 1, shared by DRESS and the baseline) and the K pruned models."""
+    device = args.device
+    spec = spec_for(kind, cfg["specs"][kind], data["input_shape"], data["num_classes"])
+    config = make_config(kind, "global", args, cfg)
     x_tr, y_tr, x_val, y_val = data["train"] + data["val"]
     test = TensorData(*data["test"], device)
-    log(f"{kind}: spec {spec.to_json()}, sparsities {list(sparsities)}, device {device}")
-
+    log(f"{kind}: spec {spec.to_json()}, sparsities {list(config.sparsities)}, device {device}")
     t0 = time.time()
     model = init_weights_from_seed(build_model(spec), args.seed).to(device)
     sgd_epochs(model, cross_entropy, TensorData(x_tr, y_tr, device), cfg["pretrain_epochs"], config)
@@ -151,39 +174,75 @@ def run_model(kind: str, args, cfg: dict, data: dict) -> dict:
     dense_acc = accuracy_on(model, test)
     t_pre = time.time() - t0
     log(f"{kind}: dense test accuracy {dense_acc:.4f} ({t_pre:.0f}s)")
-
     t0 = time.time()
-    result = train_dress(model, x_tr, y_tr, x_val, y_val, config, device=device,
-                         progress=lambda s, e, m: log(f"{kind}: DRESS {s} epoch {e} {m}"))  # fmt: skip
+    pruned = []
+    for s in config.sparsities:
+        m = build_model(spec).to(device)
+        m.load_state_dict(dense_state)
+        state, _ = prune_with_rewinding(
+            m,
+            x_tr,
+            y_tr,
+            x_val,
+            y_val,
+            s,
+            config,
+            epochs_per_round=cfg["prune_epochs_per_round"],
+            device=device,
+        )
+        acc = state_accuracy(state, spec, test)
+        pruned.append(
+            {"sparsity": s, "accuracy": acc, "storage_bytes": csr_storage_bytes(state, spec)}
+        )
+        log(f"{kind}: pruned s={s} test accuracy {acc:.4f}")
+    return {
+        "spec": spec,
+        "dense_state": dense_state,
+        "dense_acc": dense_acc,
+        "pruned": pruned,
+        "seconds": {"pretrain": t_pre, "pruning": time.time() - t0},
+    }
+
+
+def run_variant(kind: str, allocation: str, prep: dict, args, cfg: dict, data: dict) -> dict:
+    """DRESS (stages 2-3) from the shared dense weights, then accuracy, costs and latency."""
+    device, spec, pruned = args.device, prep["spec"], prep["pruned"]
+    config = make_config(kind, allocation, args, cfg)
+    sparsities = config.sparsities
+    name = kind if allocation == "global" else f"{kind}:{allocation}"
+    x_tr, y_tr, x_val, y_val = data["train"] + data["val"]
+    model = build_model(spec).to(device)
+    model.load_state_dict(prep["dense_state"])
+    t0 = time.time()
+    result = train_dress(
+        model,
+        x_tr,
+        y_tr,
+        x_val,
+        y_val,
+        config,
+        device=device,
+        progress=lambda s, e, m: log(f"{name}: DRESS {s} epoch {e} {m}"),
+    )
     t_dress = time.time() - t0
-    tables = build_dress_tables(result.state, spec, sparsities, allocation=result.allocation,
-                                norm_states=result.norm_states)  # fmt: skip
+    tables = build_dress_tables(
+        result.state, spec, sparsities, allocation=result.allocation, norm_states=result.norm_states
+    )
     runner = DressRunner(tables)
     x_test = torch.as_tensor(data["test"][0], dtype=torch.float32) / 255.0
     dress_acc = []
     for k in range(len(sparsities)):
         runner.set_subnet(k)
-        with torch.inference_mode():
-            pred = torch.cat([runner(x_test[i : i + 512]) for i in range(0, len(x_test), 512)]).argmax(1)
+        pred = torch.cat([runner(x_test[i : i + 512]) for i in range(0, len(x_test), 512)]).argmax(
+            1
+        )
         dress_acc.append(float((pred.numpy() == data["test"][1]).mean()))
-    log(f"{kind}: DRESS test accuracy {[round(a, 4) for a in dress_acc]} ({t_dress:.0f}s)")
-
-    t0 = time.time()
-    pruned = []
-    for s in sparsities:
-        m = build_model(spec).to(device)
-        m.load_state_dict(dense_state)
-        state, _ = prune_with_rewinding(m, x_tr, y_tr, x_val, y_val, s, config,
-                                        epochs_per_round=cfg["prune_epochs_per_round"], device=device)  # fmt: skip
-        acc = test_accuracy(state, spec, test)
-        pruned.append({"sparsity": s, "accuracy": acc, "storage_bytes": csr_storage_bytes(state, spec)})
-        log(f"{kind}: pruned s={s} test accuracy {acc:.4f}")
-    t_prune = time.time() - t0
+    log(f"{name}: DRESS test accuracy {[round(a, 4) for a in dress_acc]} ({t_dress:.0f}s)")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dense_cpu = build_model(spec)
-    dense_cpu.load_state_dict({k: v.cpu() for k, v in dense_state.items()})
+    dense_cpu.load_state_dict({k: v.cpu() for k, v in prep["dense_state"].items()})
     lat = latency_table(dense_cpu, runner, spec.input_shape, cfg["latency_reps"])
     switch_ms = measure_switch(runner, reps=400) * 1e3
     torch.set_num_threads(threads)
@@ -192,23 +251,25 @@ def run_model(kind: str, args, cfg: dict, data: dict) -> dict:
     prune_total = sum(p["storage_bytes"] for p in pruned)
     subnets = []
     for k, s in enumerate(sparsities):
-        subnets.append({
-            "sparsity": s,
-            "realised_sparsity": result.allocation.realised_sparsity(k),
-            "layer_counts": list(result.allocation.counts[k]),
-            "accuracy": dress_acc[k],
-            "val_accuracy": result.val_accuracy[k],
-            "pruned_accuracy": pruned[k]["accuracy"],
-            "macs": subnet_flops(tables, k)["macs"],
-            "storage_bytes_alone": storage_bytes(subnet_tables(tables, k)),
-            "pruned_storage_bytes": pruned[k]["storage_bytes"],
-            "latency_ms": lat[str(k)],
-            "speedup_p50": lat["dense"]["p50_ms"] / lat[str(k)]["p50_ms"],
-            "peak_memory_bytes": peak_memory_estimate(runner),
-        })  # fmt: skip
+        subnets.append(
+            {
+                "sparsity": s,
+                "realised_sparsity": result.allocation.realised_sparsity(k),
+                "layer_counts": dict(
+                    zip(result.allocation.layers, result.allocation.counts[k], strict=True)
+                ),
+                "accuracy": dress_acc[k],
+                "val_accuracy": result.val_accuracy[k],
+                "pruned_accuracy": pruned[k]["accuracy"],
+                "macs": subnet_flops(tables, k)["macs"],
+                "storage_bytes_alone": storage_bytes(subnet_tables(tables, k)),
+                "pruned_storage_bytes": pruned[k]["storage_bytes"],
+                "latency_ms": lat[str(k)],
+                "speedup_p50": lat["dense"]["p50_ms"] / lat[str(k)]["p50_ms"],
+            }
+        )
     avg_dress = float(np.mean(dress_acc))
     avg_pruned = float(np.mean([p["accuracy"] for p in pruned]))
-    densest_alone = subnets[0]["storage_bytes_alone"]
     summary = {
         "avg_accuracy_dress": avg_dress,
         "avg_accuracy_pruned": avg_pruned,
@@ -216,9 +277,10 @@ def run_model(kind: str, args, cfg: dict, data: dict) -> dict:
         "storage_dress_bytes": total,
         "storage_pruned_total_bytes": prune_total,
         "storage_ratio": total / prune_total,
-        "storage_vs_densest_subnet": total / densest_alone,
+        "storage_vs_densest_subnet": total / subnets[0]["storage_bytes_alone"],
         "sparsest_speedup": subnets[-1]["speedup_p50"],
         "switch_ms": switch_ms,
+        "peak_memory_bytes": peak_memory_estimate(runner),
     }
     summary["targets_met"] = {
         "accuracy_gap_pp": summary["accuracy_gap_pp"] <= TARGETS["accuracy_gap_pp"],
@@ -226,20 +288,22 @@ def run_model(kind: str, args, cfg: dict, data: dict) -> dict:
         "sparsest_speedup": summary["sparsest_speedup"] >= TARGETS["sparsest_speedup"],
         "switch_ms": switch_ms <= TARGETS["switch_ms"],
     }
-    log(f"{kind}: {json.dumps(summary)}")
+    log(f"{name}: {json.dumps(summary)}")
     return {
+        "kind": kind,
+        "allocation": allocation,
         "spec": json.loads(spec.to_json()),
         "sparsities": list(sparsities),
         "dense": {
-            "accuracy": dense_acc,
+            "accuracy": prep["dense_acc"],
             "macs": subnet_flops(tables, None)["macs"],
-            "storage_bytes": dense_storage_bytes(dense_state),
+            "storage_bytes": dense_storage_bytes(prep["dense_state"]),
             "latency_ms": lat["dense"],
         },
         "subnets": subnets,
         "summary": summary,
         "history": result.history,
-        "train_seconds": {"pretrain": t_pre, "dress": t_dress, "pruning": t_prune},
+        "train_seconds": dict(prep["seconds"], dress=t_dress),
         "latency_threads": 1,
     }
 
@@ -252,15 +316,35 @@ def plot(results: dict, path: Path) -> None:
 
     kinds = list(results["models"])
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
+    for ax, kind in zip(axes[0], kinds, strict=True):
         r = results["models"][kind]
         lat = [s["latency_ms"]["p50_ms"] for s in r["subnets"]]
-        ax.plot(lat, [100 * s["accuracy"] for s in r["subnets"]], "o-", label="DRESS subnets (one table)")
-        ax.plot(lat, [100 * s["pruned_accuracy"] for s in r["subnets"]], "s:",
-                label="separate pruning [RFC20], same sparsity")  # fmt: skip
-        for s, x in zip(r["subnets"], lat):
-            ax.annotate(f"{s['sparsity']:.0%}", (x, 100 * s["accuracy"]), textcoords="offset points", xytext=(4, -10))
-        ax.plot([r["dense"]["latency_ms"]["p50_ms"]], [100 * r["dense"]["accuracy"]], "k*", ms=10, label="dense nn.Module")
+        ax.plot(
+            lat,
+            [100 * s["accuracy"] for s in r["subnets"]],
+            "o-",
+            label="DRESS subnets (one table)",
+        )
+        ax.plot(
+            lat,
+            [100 * s["pruned_accuracy"] for s in r["subnets"]],
+            "s:",
+            label="separate pruning [RFC20], same sparsity",
+        )
+        for s, x in zip(r["subnets"], lat, strict=True):
+            ax.annotate(
+                f"{s['sparsity']:.0%}",
+                (x, 100 * s["accuracy"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+            )
+        ax.plot(
+            [r["dense"]["latency_ms"]["p50_ms"]],
+            [100 * r["dense"]["accuracy"]],
+            "k*",
+            ms=10,
+            label="dense nn.Module",
+        )
         ax.set_xlabel("batch-1 CPU latency p50 (ms, 1 thread)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{kind}: Fashion-MNIST")
@@ -270,9 +354,142 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _median_us(reps: int, fn, *args) -> float:
+    for _ in range(10):
+        fn(*args)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+# Candidate batch-1 kernels for one layer (``idx``/``val``: (G, n) columns and weights).
+def _conv_dense(x, w):
+    return torch.nn.functional.conv2d(x, w, padding=1)
+
+
+def _conv_unfold_bmm(x, idx, val):
+    cols = torch.nn.functional.unfold(x, 3, padding=1)[0]
+    return torch.bmm(val.unsqueeze(1), cols.index_select(0, idx.view(-1)).view(*idx.shape, -1))
+
+
+def _conv_unfold_bag(x, idx, val):
+    cols = torch.nn.functional.unfold(x, 3, padding=1)[0]
+    return torch.nn.functional.embedding_bag(idx, cols, per_sample_weights=val, mode="sum")
+
+
+def _conv_padded_bag(cols, windows, idx32, offsets, val):  # what DressRunner does
+    cols.view(windows.shape).copy_(windows)
+    return torch.embedding_bag(cols, idx32, offsets, False, 0, False, val.view(-1), False, None)[0]
+
+
+def _fc_dense(x, w):
+    return torch.nn.functional.linear(x, w)
+
+
+def _fc_gather_dot(x, idx32, val):  # what DressRunner does at batch 1
+    return (x.view(-1).index_select(0, idx32).view(val.shape) * val).sum(1)
+
+
+def _fc_bag(x, idx, val):
+    return torch.nn.functional.embedding_bag(
+        idx, x.t().contiguous(), per_sample_weights=val, mode="sum"
+    )
+
+
+def _fc_scatter_dense(x, idx, val, d):
+    return torch.zeros(len(idx), d).scatter_(1, idx, val) @ x[0]
+
+
+def _prefix_copies(index, values, n, slot_major):
+    if slot_major:  # (n_max, G) tables: the subnet is a contiguous prefix of rows
+        index, values = index[:n].t(), values[:n].t()
+    else:
+        index, values = index[:, :n], values[:, :n]
+    return index.to(torch.int32, memory_format=torch.contiguous_format), values.contiguous()
+
+
+def kernel_comparison(reps: int) -> dict:
+    """The measurements behind the runner's kernel choices (docs/dress.md), batch 1, 1 thread:
+    candidate sparse kernels for the default CNN's conv shapes and the MLP/CNN fc shapes at
+    several densities, against torch's dense kernels, plus the table-layout copy costs."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, list] = {"conv": [], "fc": [], "layout": []}
+    for c, g, h in [(32, 32, 28), (64, 64, 14), (128, 128, 7)]:
+        n_all, wp = c * 9, h + 2
+        x = torch.rand(1, c, h, h, generator=gen)
+        flat = torch.zeros(c * wp * wp + wp)
+        flat[: c * wp * wp].view(c, wp, wp)[:, 1:-1, 1:-1] = x[0]
+        windows = flat.as_strided((c, 3, 3, h * wp), (wp * wp, wp, 1, 1))
+        cols = torch.empty(n_all, h * wp)
+        for density in (0.05, 0.2, 0.5):
+            n = max(1, round(density * n_all))
+            idx = torch.stack([torch.randperm(n_all, generator=gen)[:n] for _ in range(g)])
+            val = torch.randn(g, n, generator=gen)
+            w = torch.zeros(g, n_all).scatter_(1, idx, val).view(g, c, 3, 3)
+            idx32 = idx.to(torch.int32).view(-1)
+            offsets = torch.arange(0, g * n, n, dtype=torch.int32)
+            out["conv"].append(
+                {
+                    "shape": [c, g, h],
+                    "density": density,
+                    "dense_conv2d_us": _median_us(reps, _conv_dense, x, w),
+                    "unfold_gather_bmm_us": _median_us(reps, _conv_unfold_bmm, x, idx, val),
+                    "unfold_embedding_bag_us": _median_us(reps, _conv_unfold_bag, x, idx, val),
+                    "padded_im2col_embedding_bag_us": _median_us(
+                        reps, _conv_padded_bag, cols, windows, idx32, offsets, val
+                    ),
+                }
+            )
+    for d, g in [(784, 512), (1152, 256)]:
+        x = torch.rand(1, d, generator=gen)
+        for density in (0.05, 0.2, 0.5):
+            n = max(1, round(density * d))
+            idx = torch.stack([torch.randperm(d, generator=gen)[:n] for _ in range(g)])
+            val = torch.randn(g, n, generator=gen)
+            w = torch.zeros(g, d).scatter_(1, idx, val)
+            out["fc"].append(
+                {
+                    "shape": [d, g],
+                    "density": density,
+                    "dense_linear_us": _median_us(reps, _fc_dense, x, w),
+                    "gather_dot_us": _median_us(
+                        reps, _fc_gather_dot, x, idx.to(torch.int32).view(-1), val
+                    ),
+                    "embedding_bag_us": _median_us(reps, _fc_bag, x, idx, val),
+                    "scatter_dense_us": _median_us(reps, _fc_scatter_dense, x, idx, val, d),
+                }
+            )
+    for g, n_max, n in [(128, 576, 576), (128, 576, 58), (512, 392, 39)]:
+        index = torch.randint(0, 1000, (g, n_max), dtype=torch.int16, generator=gen)
+        values = torch.randn(g, n_max, generator=gen)
+        slots, slot_values = index.t().contiguous(), values.t().contiguous()
+        out["layout"].append(
+            {
+                "rows": g,
+                "n_max": n_max,
+                "n": n,
+                "row_major_copy_us": _median_us(reps, _prefix_copies, index, values, n, False),
+                "slot_major_copy_us": _median_us(reps, _prefix_copies, slots, slot_values, n, True),
+            }
+        )
+    for section, rows in out.items():
+        for row in rows:
+            text = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            )
+            log(f"kernels {section}: {text}")
+    return out
+
+
 def load_data(cfg: dict, seed: int) -> dict:
     ds = load_dataset("fashion-mnist")
-    x_tr, y_tr, x_val, y_val = stratified_split(ds.x_train, ds.y_train, cfg["val_samples"] / len(ds.y_train), seed)
+    x_tr, y_tr, x_val, y_val = stratified_split(
+        ds.x_train, ds.y_train, cfg["val_samples"] / len(ds.y_train), seed
+    )
     rng = np.random.Generator(np.random.PCG64(seed))
     if cfg["train_samples"]:
         keep = np.sort(rng.permutation(len(y_tr))[: cfg["train_samples"]])
@@ -281,70 +498,166 @@ def load_data(cfg: dict, seed: int) -> dict:
     if cfg["test_samples"]:
         keep = np.sort(rng.permutation(len(y_te))[: cfg["test_samples"]])
         x_te, y_te = x_te[keep], y_te[keep]
-    return {"train": (x_tr, y_tr), "val": (x_val, y_val), "test": (x_te, y_te),
-            "input_shape": ds.input_shape, "num_classes": ds.num_classes}  # fmt: skip
+    return {
+        "train": (x_tr, y_tr),
+        "val": (x_val, y_val),
+        "test": (x_te, y_te),
+        "input_shape": ds.input_shape,
+        "num_classes": ds.num_classes,
+    }
+
+
+def print_summary(results: dict) -> None:
+    header = [
+        "model",
+        "subnet",
+        "sparsity",
+        "acc DRESS",
+        "acc pruned",
+        "MACs",
+        "bytes alone",
+        "p50 ms",
+        "speed-up",
+    ]
+    print("\n" + "  ".join(f"{h:>11}" for h in header))
+    for name, r in results["models"].items():
+        d = r["dense"]
+        rows = [
+            [
+                name,
+                "dense",
+                0.0,
+                d["accuracy"],
+                float("nan"),
+                d["macs"],
+                d["storage_bytes"],
+                d["latency_ms"]["p50_ms"],
+                1.0,
+            ]
+        ]
+        rows += [
+            [
+                name,
+                k,
+                s["sparsity"],
+                s["accuracy"],
+                s["pruned_accuracy"],
+                s["macs"],
+                s["storage_bytes_alone"],
+                s["latency_ms"]["p50_ms"],
+                s["speedup_p50"],
+            ]
+            for k, s in enumerate(r["subnets"])
+        ]
+        for row in rows:
+            print("  ".join(f"{v:>11.4g}" if isinstance(v, float) else f"{v!s:>11}" for v in row))
+        sm = r["summary"]
+        print(
+            f"{name}: avg accuracy DRESS {sm['avg_accuracy_dress']:.4f} vs pruned "
+            f"{sm['avg_accuracy_pruned']:.4f} (gap {sm['accuracy_gap_pp']:+.2f} pp); storage "
+            f"{sm['storage_dress_bytes']} vs {sm['storage_pruned_total_bytes']} bytes (ratio "
+            f"{sm['storage_ratio']:.3f}); switch {sm['switch_ms']:.3f} ms; "
+            f"targets met {sm['targets_met']}"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small CPU run (~1-2 min)")
     parser.add_argument("--device", default="cpu", help="training device, e.g. cuda")
-    parser.add_argument("--models", default="cnn,mlp", help="comma-separated: cnn,mlp")
-    parser.add_argument("--sparsities", type=float, nargs="+", help="override the per-model defaults")
+    parser.add_argument(
+        "--models", help="comma-separated cnn|mlp[:global|:uniform] (default per mode)"
+    )
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", help="override the per-model defaults"
+    )
     parser.add_argument("--gamma", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="CPU training threads (0: torch default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU training threads (0: torch default; --quick uses 1)",
+    )
     parser.add_argument("--dress-epochs", type=int, help="override the mode's DRESS epochs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dress.json")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="only time the candidate CPU kernels (~1 min) into dress_kernels.json",
+    )
     args = parser.parse_args()
+    if args.kernels:
+        kernels = {
+            "benchmark": "dress-kernels",
+            "threads": 1,
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            **kernel_comparison(200),
+        }
+        path = args.out.with_name("dress_kernels.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(kernels, indent=2))
+        log(f"wrote {path}")
+        return
     cfg = dict(QUICK if args.quick else FULL)
     if args.dress_epochs:
         cfg["dress_epochs"] = args.dress_epochs
         cfg["prune_epochs_per_round"] = max(1, args.dress_epochs // len(RFC20_SCHEDULE))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)  # small models: extra threads only contend
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     torch.manual_seed(args.seed)
     data = load_data(cfg, args.seed)
-    log(f"data: train {len(data['train'][1])}, val {len(data['val'][1])}, test {len(data['test'][1])}")
+    log(
+        f"data: train {len(data['train'][1])}, val {len(data['val'][1])}, "
+        f"test {len(data['test'][1])}"
+    )
     start = time.time()
     results = {
         "benchmark": "dress",
         "mode": "quick" if args.quick else "full",
-        "config": {k: v for k, v in cfg.items()} | {"device": args.device, "lr": args.lr,
-                                                    "batch_size": args.batch_size, "gamma": args.gamma,
-                                                    "seed": args.seed, "prune_schedule": list(RFC20_SCHEDULE)},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "cuda": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
+        "config": {k: v for k, v in cfg.items()}
+        | {
+            "device": args.device,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "gamma": args.gamma,
+            "seed": args.seed,
+            "prune_schedule": list(RFC20_SCHEDULE),
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        },
         "targets": TARGETS,
         "models": {},
-    }  # fmt: skip
-    for kind in args.models.split(","):
-        results["models"][kind] = run_model(kind.strip(), args, copy.deepcopy(cfg), data)
+    }
+    prepared: dict[str, dict] = {}
+    for entry in [m.strip() for m in (args.models or cfg["models"]).split(",") if m.strip()]:
+        kind, _, allocation = entry.partition(":")
+        if kind not in ("cnn", "mlp") or allocation not in ("", "global", "uniform"):
+            parser.error(f"unknown model entry {entry!r}; use cnn|mlp[:global|:uniform]")
+        if kind not in prepared:
+            prepared[kind] = prepare_kind(kind, args, cfg, data)
+        allocation = allocation or "global"
+        name = kind if allocation == "global" else f"{kind}:{allocation}"
+        results["models"][name] = run_variant(kind, allocation, prepared[kind], args, cfg, data)
     results["wall_seconds"] = time.time() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     png = args.out.with_suffix(".png")
     plot(results, png)
     log(f"wrote {args.out} and {png} in {results['wall_seconds']:.0f}s")
-    print("\nmodel  subnet  sparsity  acc(DRESS)  acc(pruned)  MACs       bytes(alone)  p50 ms  speedup")
-    for kind, r in results["models"].items():
-        d = r["dense"]
-        print(f"{kind:5}  dense   0.00      {d['accuracy']:.4f}      -            {d['macs']:<9}  "
-              f"{d['storage_bytes']:<12}  {d['latency_ms']['p50_ms']:.3f}   1.00")
-        for k, s in enumerate(r["subnets"]):
-            print(f"{kind:5}  {k:<6}  {s['sparsity']:.2f}      {s['accuracy']:.4f}      {s['pruned_accuracy']:.4f}"
-                  f"       {s['macs']:<9}  {s['storage_bytes_alone']:<12}  {s['latency_ms']['p50_ms']:.3f}   "
-                  f"{s['speedup_p50']:.2f}")
-        sm = r["summary"]
-        print(f"{kind:5}  avg acc DRESS {sm['avg_accuracy_dress']:.4f} vs pruned {sm['avg_accuracy_pruned']:.4f} "
-              f"(gap {sm['accuracy_gap_pp']:+.2f} pp); storage {sm['storage_dress_bytes']} vs "
-              f"{sm['storage_pruned_total_bytes']} (ratio {sm['storage_ratio']:.3f}); switch "
-              f"{sm['switch_ms']:.3f} ms; targets {sm['targets_met']}")
+    print_summary(results)
 
 
 if __name__ == "__main__":

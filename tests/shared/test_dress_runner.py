@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from shared.dress import (
     measure_latency,
     measure_switch,
     peak_memory_estimate,
+    row_masks,
     subnet_flops,
     subnet_state_dict,
     subnet_storage,
@@ -29,6 +32,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 # Logits of the sparse kernels and of the dense masked model differ only by float32 summation
 # order: we require max |diff| <= RTOL * (1 + max |logit|).
 RTOL = 1e-5
@@ -55,8 +60,14 @@ def _norms(state: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tenso
     gen = torch.Generator().manual_seed(k)
     out = []
     for _ in range(k):
-        out.append({p + leaf: state[p + leaf] * (0.8 + 0.4 * torch.rand(state[p + leaf].shape, generator=gen))
-                    for p in prefixes for leaf in ("weight", "bias", "running_mean", "running_var")})  # fmt: skip
+        out.append(
+            {
+                p + leaf: state[p + leaf]
+                * (0.8 + 0.4 * torch.rand(state[p + leaf].shape, generator=gen))
+                for p in prefixes
+                for leaf in ("weight", "bias", "running_mean", "running_var")
+            }
+        )
     return out
 
 
@@ -75,10 +86,14 @@ def case(request):
     return spec, tables
 
 
+PATHS = {"sparse": {"conv": 2.0, "fc": 2.0}, "dense": {"conv": -1.0, "fc": -1.0}, "default": None}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("batch", [1, 3])
-def test_sparse_kernels_equal_dense_masked_model(case, batch):
+def test_sparse_kernels_equal_dense_masked_model(case, batch, path):
     spec, tables = case
-    runner = DressRunner(tables)
+    runner = DressRunner(tables, dense_above=PATHS[path])
     x = torch.rand(batch, *spec.input_shape, generator=torch.Generator().manual_seed(batch))
     for k in range(tables.num_subnets):
         dense = build_model(spec).eval()
@@ -91,16 +106,30 @@ def test_sparse_kernels_equal_dense_masked_model(case, batch):
         assert (got - want).abs().max() <= RTOL * (1 + want.abs().max()), f"subnet {k}"
 
 
+def test_large_batches_run_in_chunks(case):
+    spec, tables = case
+    runner = DressRunner(tables, subnet=2, max_batch=2)
+    x = torch.rand(5, *spec.input_shape, generator=torch.Generator().manual_seed(5))
+    dense = build_model(spec).eval()
+    dense.load_state_dict(subnet_state_dict(tables, 2))
+    with torch.no_grad():
+        want = dense(x)
+    assert (runner(x) - want).abs().max() <= RTOL * (1 + want.abs().max())
+    assert set(runner._scratches) <= {1, 2}
+
+
 def test_switch_copies_no_weights(case):
     _, tables = case
     runner = DressRunner(tables)
     ptrs = {key: t.data_ptr() for key, t in tables.tensors.items()}
-    folded = [(op.scale.data_ptr(), op.shift.data_ptr()) for op in runner._ops if op.scale is not None]
+    storages = {t.untyped_storage().data_ptr() for t in tables.tensors.values()}
     for k in [3, 0, 2, 1, 3]:
         runner.set_subnet(k)
         runner(torch.zeros(1, *tables.spec.input_shape))
         assert {key: t.data_ptr() for key, t in tables.tensors.items()} == ptrs
-        assert [(op.scale.data_ptr(), op.shift.data_ptr()) for op in runner._ops if op.scale is not None] == folded
+        for op in runner._ops:  # the active subnet is views into the tables, nothing else
+            for t in (op.index, op.value, op.scale, op.shift):
+                assert t is None or t.untyped_storage().data_ptr() in storages
     assert not list(runner.parameters()) and not list(runner.buffers())  # tables are referenced
 
 
@@ -121,7 +150,25 @@ def test_subnet_masks_switch_in_place_and_match_tables():
             with torch.no_grad():
                 assert torch.allclose(model(x), ref(x), atol=1e-6)
             assert [m.mask.data_ptr() for m in masks._masks] == ptrs
-    assert torch.equal(model.state_dict()["features.0.weight"], state["features.0.weight"])  # dense again
+    dense_again = model.state_dict()["features.0.weight"]
+    assert torch.equal(dense_again, state["features.0.weight"])
+
+
+def test_subnet_masks_follow_weight_changes_on_refresh():
+    spec = SPECS["mlp"]
+    model = build_model(spec)
+    tables = build_dress_tables(model.state_dict(), spec, SPARSITIES)
+    with SubnetMasks(model, tables.allocation) as masks:
+        masks.set_subnet(2)
+        with torch.no_grad():
+            model.net[1].parametrizations.weight.original.mul_(-2).add_(0.01)  # new ranks
+        masks.refresh()
+        w = model.net[1].parametrizations.weight.original
+        want = row_masks(w, tables.allocation.layer_counts("net.1"))[2]
+        assert torch.equal(masks._masks[0].mask, want)
+        assert torch.equal(model.net[1].weight, w * want)
+        with pytest.raises(DressError, match="already parametrized"):
+            SubnetMasks(model, tables.allocation)
 
 
 def test_bad_inputs_are_rejected(case):
@@ -137,7 +184,7 @@ def test_flops_storage_and_memory_shrink_with_sparsity(case):
     spec, tables = case
     dense = subnet_flops(tables, None)["macs"]
     macs = [subnet_flops(tables, k)["macs"] for k in range(tables.num_subnets)]
-    assert all(a > b for a, b in zip(macs, macs[1:])) and macs[0] < dense
+    assert all(a > b for a, b in pairwise(macs)) and macs[0] < dense
     model = build_model(spec)
     if spec.kind == "mlp":  # dense MACs of an MLP are the weight count
         assert dense == sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))

@@ -104,7 +104,9 @@ def layers_and_sparsities(draw):
     shapes = [(draw(st.integers(1, 20)), draw(st.integers(4, 40))) for _ in range(n_layers)]
     seed = draw(st.integers(0, 2**16))
     gen = torch.Generator().manual_seed(seed)
-    weights = {f"l{i}": torch.randn(g, n, generator=gen) * (i + 1) for i, (g, n) in enumerate(shapes)}
+    weights = {
+        f"l{i}": torch.randn(g, n, generator=gen) * (i + 1) for i, (g, n) in enumerate(shapes)
+    }
     total = sum(g * n for g, n in shapes)
     rows = sum(g for g, _ in shapes)
     k = draw(st.integers(1, 4))
@@ -138,7 +140,10 @@ def test_allocation_realises_sparsity_and_nests(case):
 
 def test_allocation_follows_global_magnitude():
     gen = torch.Generator().manual_seed(0)
-    weights = {"small": torch.randn(8, 50, generator=gen) * 0.01, "large": torch.randn(8, 50, generator=gen)}
+    weights = {
+        "small": torch.randn(8, 50, generator=gen) * 0.01,
+        "large": torch.randn(8, 50, generator=gen),
+    }
     alloc = allocate_sparsity(weights, [0.5])
     small, large = alloc.counts[0]
     assert small == 1 and large == 49  # the small layer keeps only its 1-per-row floor
@@ -149,3 +154,16 @@ def test_infeasible_sparsity_is_reported():
     weights = {"a": torch.randn(10, 4)}
     with pytest.raises(DressError, match="cannot realise sparsity"):
         allocate_sparsity(weights, [0.9])  # needs 4 nonzeros, but 10 rows keep >= 1 each
+
+
+def test_uniform_allocation_spreads_sparsity_evenly():
+    gen = torch.Generator().manual_seed(1)
+    weights = {
+        "a": torch.randn(16, 90, generator=gen) * 0.01,
+        "b": torch.randn(32, 120, generator=gen),
+    }
+    alloc = allocate_sparsity(weights, [0.5, 0.9], mode="uniform")
+    check_allocation(alloc)
+    assert alloc.counts == ((45, 60), (9, 12))  # magnitudes play no part
+    with pytest.raises(DressError, match="allocation mode"):
+        allocate_sparsity(weights, [0.5], mode="layerwise")

@@ -18,7 +18,7 @@ from shared.dress import (
     tables_from_bytes,
     tables_to_bytes,
 )
-from shared.dress.tables import index_dtype
+from shared.dress.tables import fold_norm, index_dtype
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
@@ -38,8 +38,12 @@ def trained_like_state(spec: ArchSpec, seed: int) -> dict[str, torch.Tensor]:
 
 
 def per_subnet_norms(state: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
-    keys = [key for key in state if key.rsplit(".", 1)[-1] in ("weight", "bias", "running_mean", "running_var")
-            and any(key.startswith(p) for p in _norm_prefixes(state))]  # fmt: skip
+    keys = [
+        key
+        for key in state
+        if key.rsplit(".", 1)[-1] in ("weight", "bias", "running_mean", "running_var")
+        and any(key.startswith(p) for p in _norm_prefixes(state))
+    ]
     return [{key: state[key] * (1 + 0.1 * i) for key in keys} for i in range(k)]
 
 
@@ -64,18 +68,41 @@ def test_tables_hold_exactly_the_masked_weights(cnn):
             w = state[f"{name}.weight"]
             mask = row_masks(w, alloc.layer_counts(name))[k]
             assert torch.equal(sub[f"{name}.weight"], w * mask)
-        for key, value in norms[k].items():
-            assert torch.equal(sub[key], value)
-        build_model(spec).load_state_dict(sub)  # complete and loadable
+        for prefix in _norm_prefixes(state):
+            bn = [
+                norms[k][prefix + key] for key in ("weight", "bias", "running_mean", "running_var")
+            ]
+            scale, shift = fold_norm(*bn, 1e-5)
+            assert torch.equal(sub[prefix + "weight"], scale) and torch.equal(
+                sub[prefix + "bias"], shift
+            )
+        model = build_model(spec).eval()
+        model.load_state_dict(sub)  # complete and loadable
+        reference = build_model(spec).eval()
+        reference.load_state_dict(
+            {
+                **{
+                    k_: v * row_masks(v, alloc.layer_counts(k_[:-7]))[k]
+                    if k_[:-7] in alloc.layers and k_.endswith(".weight")
+                    else v
+                    for k_, v in state.items()
+                },
+                **norms[k],
+            }
+        )
+        x = torch.rand(2, *spec.input_shape)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-def test_layout_is_slot_major_prefix_with_smallest_index_dtype(cnn):
+def test_layout_is_rows_by_importance_with_smallest_index_dtype(cnn):
     _, state, _, tables = cnn
     for t in tables.layers:
         idx, val = tables.index(t.name), tables.value(t.name)
-        assert idx.shape == (t.counts[0], t.rows) and idx.dtype == index_dtype(t.row_size)
+        assert idx.shape == (t.rows, t.counts[0]) and idx.dtype == index_dtype(t.row_size)
         w = state[f"{t.name}.weight"].reshape(t.rows, -1)
-        assert torch.equal(w.gather(1, idx.t().long()), val.t())
+        assert torch.equal(w.gather(1, idx.long()), val)
+        assert (val.abs()[:, 1:] <= val.abs()[:, :-1]).all()
     assert index_dtype(256) == torch.uint8 and index_dtype(257) == torch.int16
     assert index_dtype(1 << 15) == torch.int16 and index_dtype((1 << 15) + 1) == torch.int32
 
@@ -100,10 +127,17 @@ def test_rebuild_is_bit_identical_and_tracks_new_weights(cnn):
     # A "DPU diff": a few weights change; both sides rebuild and agree, and the tables move.
     patched = {k: v.clone() for k, v in state.items()}
     w = patched["features.3.weight"].view(-1)
-    w[:: 7] += 0.05
-    server = build_dress_tables(patched, spec, SPARSITIES, allocation=tables.allocation, norm_states=norms)
-    agent = build_dress_tables({k: v.clone() for k, v in patched.items()}, spec, SPARSITIES,
-                               allocation=tables.allocation, norm_states=norms)  # fmt: skip
+    w[::7] += 0.05
+    server = build_dress_tables(
+        patched, spec, SPARSITIES, allocation=tables.allocation, norm_states=norms
+    )
+    agent = build_dress_tables(
+        {k: v.clone() for k, v in patched.items()},
+        spec,
+        SPARSITIES,
+        allocation=tables.allocation,
+        norm_states=norms,
+    )
     assert tables_to_bytes(server) == tables_to_bytes(agent)
     assert server.source_hash == agent.source_hash != tables.source_hash
     assert not torch.equal(server.value("features.3"), tables.value("features.3"))
@@ -112,21 +146,35 @@ def test_rebuild_is_bit_identical_and_tracks_new_weights(cnn):
 def test_all_subnets_cost_at_most_5_percent_more_than_the_densest():
     spec = default_spec("cnn", (1, 28, 28), 10)
     state = trained_like_state(spec, 0)
-    alloc = allocate_sparsity({k[:-7]: v for k, v in state.items() if k.endswith(".weight") and v.dim() > 1}, SPARSITIES)
-    tables = build_dress_tables(state, spec, SPARSITIES, allocation=alloc, norm_states=per_subnet_norms(state, 4))
+    alloc = allocate_sparsity(
+        {k[:-7]: v for k, v in state.items() if k.endswith(".weight") and v.dim() > 1}, SPARSITIES
+    )
+    tables = build_dress_tables(
+        state, spec, SPARSITIES, allocation=alloc, norm_states=per_subnet_norms(state, 4)
+    )
     densest = storage_bytes(subnet_tables(tables, 0))
     total = storage_bytes(tables)
     assert total <= 1.05 * densest
     values = sum(tables.value(t.name).numel() * 4 for t in tables.layers)
-    indices = sum(tables.index(t.name).numel() * 2 for t in tables.layers)  # all rows > 256 here
-    assert total > values + indices  # headers, biases and norms are counted too
+    indices = sum(
+        tables.index(t.name).numel() * tables.index(t.name).element_size() for t in tables.layers
+    )
+    norms = sum(
+        tables.tensors[f"{n.name}.{key}"].numel() * 4
+        for n in tables.norms
+        for key in ("scale", "shift")
+    )
+    assert total > values + indices + norms  # headers and biases are counted too
 
 
 def test_sparsest_subnet_alone_is_a_valid_table(cnn):
     spec, _, _, tables = cnn
     last = subnet_tables(tables, 3)
     assert last.num_subnets == 1
-    assert torch.equal(subnet_state_dict(last, 0)["features.0.weight"], subnet_state_dict(tables, 3)["features.0.weight"])
+    assert torch.equal(
+        subnet_state_dict(last, 0)["features.0.weight"],
+        subnet_state_dict(tables, 3)["features.0.weight"],
+    )
     assert storage_bytes(last) < storage_bytes(tables)
 
 
@@ -138,7 +186,7 @@ def test_corrupt_tables_are_rejected(cnn):
     with pytest.raises(DressError):
         tables_from_bytes(b"\x00" * 64)
     bad = dict(tables.tensors)
-    bad["features.0.value"] = bad["features.0.value"].flip(0)  # no longer in importance order
+    bad["features.0.value"] = bad["features.0.value"].flip(1)  # no longer in importance order
     with pytest.raises(DressError, match="importance order"):
         tables_from_bytes(tables_to_bytes(dataclasses.replace(tables, tensors=bad)))
     bad = dict(tables.tensors)

@@ -1,0 +1,137 @@
+"""Minimal training/evaluation loops over in-memory tensors, shared by DRESS and its baseline.
+
+``sgd_epochs`` is Nesterov SGD with a cosine learning-rate decay restarted on every call (the
+thesis' optimiser, §3.4.1); ``loss_fn(model, x, y)`` decides what is trained, so the same loop
+runs dense pre-training, the DRESS objective, norm fine-tuning and pruned fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.dress.layers import DressError
+from shared.dress.masks import norm_layers
+from shared.tensors import to_model_input
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class OptimSettings(Protocol):
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    seed: int
+
+
+class TensorData:
+    """Inputs and labels as tensors on one device, served in seeded shuffled minibatches."""
+
+    def __init__(
+        self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, device: str | torch.device
+    ) -> None:
+        if len(x) != len(y) or len(x) == 0:
+            raise DressError(f"need equally many inputs and labels (>0), got {len(x)} and {len(y)}")
+        self.x = torch.as_tensor(x).to(device)
+        self.y = torch.as_tensor(y).to(device=device, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(
+        self, batch_size: int, rng: np.random.Generator | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            idx = torch.as_tensor(order[i : i + batch_size], device=self.y.device)
+            yield to_model_input(self.x[idx]), self.y[idx]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def sgd_epochs(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: TensorData,
+    epochs: int,
+    config: OptimSettings,
+    *,
+    params: Sequence[torch.nn.Parameter] | None = None,
+    end_of_epoch: Callable[[int], None] | None = None,
+    seed_offset: int = 0,
+) -> float:
+    """``epochs`` passes of Nesterov SGD with a fresh cosine schedule; returns the last mean loss.
+
+    Starting the schedule afresh on every call is what "learning-rate rewinding" means for the
+    pruning baseline ([RFC20]); DRESS calls it once per stage. ``epochs=0`` does nothing.
+    """
+    if epochs <= 0:
+        return float("nan")
+    params = (
+        list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    )
+    opt = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )  # fmt: skip
+    steps = epochs * math.ceil(len(data) / config.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))
+    )
+    rng = np.random.Generator(np.random.PCG64(config.seed + seed_offset))
+    mean_loss = float("nan")
+    for epoch in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for xb, yb in data.batches(config.batch_size, rng):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, xb, yb)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(yb)
+            count += len(yb)
+        mean_loss = total / count
+        if end_of_epoch is not None:
+            end_of_epoch(epoch)
+    return mean_loss
+
+
+@torch.no_grad()
+def accuracy_on(model: nn.Module, data: TensorData, batch_size: int = 1024) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for xb, yb in data.batches(batch_size, None):
+        correct += int((model(xb).argmax(dim=1) == yb).sum())
+    model.train(was_training)
+    return correct / len(data)
+
+
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, data: TensorData, batch_size: int = 256) -> None:
+    """Re-estimate every norm layer's running statistics on ``data`` (exact averages over the
+    batches; affine parameters untouched)."""
+    norms = list(norm_layers(model).values())
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    try:
+        for xb, _ in data.batches(batch_size, None):
+            model(xb)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)

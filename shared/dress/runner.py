@@ -1,0 +1,341 @@
+"""Sparse CPU inference straight from DRESS-CSR tables (thesis §3.3.4-3.5).
+
+Every row of subnet ``k`` in a layer has the same ``n`` nonzeros, so a layer is an ELLPACK
+matrix: ``out[g] = sum_j value[g, j] * x[index[g, j]]`` over the first ``n`` columns of the
+tables. The kernels are plain torch ops, chosen by measurement on a 1-thread x86 CPU
+(docs/dress.md has the numbers):
+
+* conv: im2col and one ``embedding_bag(mode="sum", per_sample_weights)``, which gathers and
+  accumulates the selected im2col rows in a single fused pass. Activations live in zero-bordered
+  ``(C, B, H + 2p, W + 2p)`` planes; computing the output on the padded width makes every
+  im2col row one contiguous run of a plane (a cheap strided copy) and the k-1 extra output
+  columns per row are dropped. ``unfold`` + gather + ``bmm`` was 1.5-4x slower, ``unfold``
+  alone costing more than the sparse product at high sparsity.
+* fc: at batch 1 ``index_select`` + a row-wise dot; from batch 2 on ``embedding_bag`` over the
+  feature-major ``(D, B)`` activations (1-float rows make it slow at batch 1).
+* ReLU and the folded norm run in place on contiguous outputs and write straight into the next
+  layer's padded plane; 2x2 max-pooling is two ``torch.maximum`` of strided views.
+
+``set_subnet`` only takes views of subnet ``k``'s table columns and norm rows: no weight is
+copied, nothing proportional to the weights is allocated. Scratch (padded planes, one im2col
+buffer, one dense-weight buffer) is allocated per batch size and reused; batches above
+``max_batch`` run in chunks so it stays bounded. Not thread-safe: one runner per stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.dress.layers import DressError
+from shared.dress.plan import Op, compile_plan
+from shared.dress.tables import DressTables
+
+
+@dataclass
+class _Scratch:
+    """Per-batch-size buffers and the views into them that a forward needs (built once)."""
+
+    batch: int
+    planes: dict[int, torch.Tensor] = field(default_factory=dict)  # conv op -> padded input
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)  # conv op -> im2col source
+    cols: dict[int, torch.Tensor] = field(default_factory=dict)  # conv op -> (N, B*span) im2col
+    dst: dict[int, torch.Tensor] = field(default_factory=dict)  # op -> next conv's plane interior
+
+
+class DressRunner(nn.Module):
+    """Runs subnet ``k`` of a :class:`DressTables` on CPU: ``set_subnet(k)`` then ``forward(x)``.
+
+    ``x`` is a float ``(B, *spec.input_shape)`` tensor; returns ``(B, num_classes)`` logits equal
+    to the dense masked model's (``subnet_state_dict(tables, k)``) within float32 rounding.
+
+    A layer whose active density ``n / N`` exceeds ``dense_above[kind]`` is run densely
+    instead: its masked weight is scattered from the table into one scratch buffer (sized for
+    the largest layer, reused by all) and multiplied with torch's dense conv/matmul. The sparse
+    kernels do ~5-10x fewer multiply-adds per second than the dense ones, so at low sparsity the
+    dense route is faster; the defaults are the measured crossovers (docs/dress.md).
+    """
+
+    DENSE_ABOVE = {"conv": 0.5, "fc": 0.6}
+
+    def __init__(
+        self,
+        tables: DressTables,
+        subnet: int = 0,
+        *,
+        dense_above: dict[str, float] | None = None,
+        max_batch: int = 32,
+    ) -> None:
+        super().__init__()
+        for t in tables.tensors.values():
+            if t.device.type != "cpu":
+                raise DressError("DressRunner runs on CPU; load the tables to CPU first")
+        self.tables = tables
+        self.dense_above = dict(self.DENSE_ABOVE, **(dense_above or {}))
+        self._ops = compile_plan(tables)
+        self._dtype = tables.value(tables.layers[0].name).dtype
+        for op in self._ops:
+            if op.kind not in ("conv", "fc"):
+                continue
+            if op.norm is not None and tables.bias(op.layer.name) is not None:
+                op.bias_shift = torch.empty(op.layer.rows, dtype=self._dtype)
+        if max_batch < 1:
+            raise DressError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        self._scratches: dict[int, _Scratch] = {}
+        self._weight_scratch: torch.Tensor | None = None
+        self.subnet = -1
+        self.set_subnet(subnet)
+
+    @property
+    def num_subnets(self) -> int:
+        return self.tables.num_subnets
+
+    @torch.no_grad()
+    def set_subnet(self, k: int) -> None:
+        """Select subnet ``k``: views of its table columns and norm rows, and its kernel choice."""
+        if not 0 <= k < self.tables.num_subnets:
+            raise DressError(f"subnet {k} out of range [0, {self.tables.num_subnets})")
+        t = self.tables
+        for op in self._ops:
+            if op.kind not in ("conv", "fc"):
+                continue
+            n, g = op.layer.counts[k], op.layer.rows
+            op.count = n
+            op.dense = n > self.dense_above[op.kind] * op.layer.row_size
+            op.index = t.index(op.layer.name)[:, :n]
+            op.value = t.value(op.layer.name)[:, :n]
+            op.offsets = torch.arange(0, g * n, n, dtype=torch.int32)
+            bias = t.bias(op.layer.name)
+            if op.norm is None:
+                op.shift = bias  # a view of the table, or None
+                continue
+            # Tables store norms folded (scale * z + shift): views of subnet k's rows.
+            op.scale = t.norm(op.norm.name, "scale", k)
+            if bias is None:
+                op.shift = t.norm(op.norm.name, "shift", k)
+            else:  # scale * (z + bias) + shift, into a fixed buffer
+                op.shift = torch.addcmul(
+                    t.norm(op.norm.name, "shift", k), bias, op.scale, out=op.bias_shift
+                )
+        self.subnet = k
+
+    def _scratch_for(self, batch: int) -> _Scratch:
+        if batch in self._scratches:
+            return self._scratches[batch]
+        if len(self._scratches) >= 2:  # a full-chunk size and one remainder size at most
+            self._scratches.pop(next(iter(self._scratches)))
+        scratch = _Scratch(batch)
+        convs = [(i, op) for i, op in enumerate(self._ops) if op.kind == "conv"]
+        sizes = [
+            op.layer.row_size * batch * op.in_shape[1] * (op.in_shape[2] + op.kernel - 1)
+            for _, op in convs
+        ]
+        cols = torch.empty(max(sizes, default=0), dtype=self._dtype)  # im2col, shared by all convs
+        for i, op in convs:
+            c, h, w = op.in_shape
+            k, p = op.kernel, op.padding
+            rows_p, width_p = h + k - 1, w + k - 1
+            span = h * width_p  # output positions per sample, incl. k-1 junk columns per row
+            # Contiguous (C, B, H+2p, W+2p) planes (the layout torch's dense conv wants) plus a
+            # tail: the last im2col window runs k-2 elements past the last plane.
+            flat = torch.zeros(c * batch * rows_p * width_p + width_p, dtype=self._dtype)
+            plane = flat[: c * batch * rows_p * width_p].view(c, batch, rows_p, width_p)
+            scratch.planes[i] = plane
+            # Every im2col row (c, dy, dx) of sample b is one contiguous run of the flat plane.
+            scratch.windows[i] = flat.as_strided(
+                (c, k, k, batch, span), (batch * rows_p * width_p, width_p, 1, rows_p * width_p, 1)
+            )
+            scratch.cols[i] = cols[: c * k * k * batch * span].view(c * k * k, batch * span)
+            if i > 0:
+                scratch.dst[i - 1] = plane[:, :, p : p + h, p : p + w]
+        self._scratches[batch] = scratch
+        return scratch
+
+    def _masked_weight(self, op: Op) -> torch.Tensor:
+        """The active subnet's dense ``(G, N)`` weight, scattered into the shared scratch."""
+        if self._weight_scratch is None:
+            size = max(t.rows * t.row_size for t in self.tables.layers)
+            self._weight_scratch = torch.empty(size, dtype=self._dtype)
+        g, n = op.layer.rows, op.layer.row_size
+        w = self._weight_scratch[: g * n].view(g, n)
+        w.zero_()
+        return w.scatter_(1, op.index.to(torch.int64), op.value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.tables.spec
+        if x.dim() != len(spec.input_shape) + 1 or tuple(x.shape[1:]) != spec.input_shape:
+            raise DressError(f"input must be (B, *{spec.input_shape}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise DressError(f"input must be floating point, got {x.dtype}")
+        with torch.inference_mode():
+            x = x.to(self._dtype)
+            if len(x) <= self.max_batch:
+                return self._run(x)
+            # Scratch grows with the batch (im2col is N x B*H*W), so big batches run in chunks.
+            return torch.cat(
+                [self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+            )
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        sc = self._scratch_for(batch)
+        ops = self._ops
+        act: torch.Tensor = x
+        if ops[0].kind == "conv":
+            c, h, w = ops[0].in_shape
+            p = ops[0].padding
+            sc.planes[0][:, :, p : p + h, p : p + w].copy_(x.transpose(0, 1))
+        for i, op in enumerate(ops):
+            dst = sc.dst.get(i)
+            if op.kind == "conv":
+                act = self._conv(op, sc.planes[i], sc.windows[i], sc.cols[i], batch, dst)
+            elif op.kind == "pool":
+                act = self._pool(op, act, dst)
+            elif op.kind == "flatten":
+                # Feature-major (D, B) in torch's flatten order (c, h, w).
+                if act is x:
+                    act = x.reshape(batch, -1).t().contiguous()
+                else:  # (C, B, h, w) -> (C, h, w, B)
+                    act = act.permute(0, 2, 3, 1).reshape(-1, batch).contiguous()
+            else:
+                act = self._fc(op, act, batch)
+        return act.t().contiguous()
+
+    def _conv(
+        self,
+        op: Op,
+        plane: torch.Tensor,
+        windows: torch.Tensor,
+        cols: torch.Tensor,
+        batch: int,
+        dst: torch.Tensor | None,
+    ) -> torch.Tensor:
+        g = op.layer.rows
+        c, h, w = op.in_shape
+        if op.dense:
+            weight = self._masked_weight(op).view(op.layer.shape)
+            raw = F.conv2d(plane.transpose(0, 1), weight)  # (B, G, H, W)
+            self._affine(op, raw, (1, g, 1, 1), scaled=False)
+            return self._activate(op, raw, raw.transpose(0, 1), dst)
+        cols.view(windows.shape).copy_(windows)
+        raw = self._bags(op, cols, fold_scale=True)  # (G, B*span), already scaled
+        self._affine(op, raw, (g, 1), scaled=True)
+        return self._activate(op, raw, raw.view(g, batch, h, w + op.kernel - 1)[..., :w], dst)
+
+    @staticmethod
+    def _bags(op: Op, rows: torch.Tensor, fold_scale: bool) -> torch.Tensor:
+        """ELL product ``out[g] = sum_j value[g, j] * rows[index[g, j]]``: one fused
+        gather-multiply-accumulate (``embedding_bag``, sum mode, per-sample weights). The
+        per-sample weights need a contiguous copy of the value prefix anyway, so the folded
+        norm scale is applied in that same pass when ``fold_scale``."""
+        index = op.index.to(torch.int32, memory_format=torch.contiguous_format).view(-1)
+        if fold_scale and op.scale is not None:
+            weights = torch.mul(op.value, op.scale.view(-1, 1)).view(-1)
+        else:
+            weights = op.value.reshape(-1)
+        # Positional args: scale_grad_by_freq, mode (0 = sum), sparse, per_sample_weights,
+        # include_last_offset, padding_idx (None: no padding row; -1 would mean the last row).
+        out, *_ = torch.embedding_bag(
+            rows, index, op.offsets, False, 0, False, weights, False, None
+        )
+        return out
+
+    @staticmethod
+    def _affine(op: Op, raw: torch.Tensor, view: tuple[int, ...], scaled: bool) -> None:
+        """``raw = scale * raw + shift`` in place (contiguous, so elementwise ops run fast;
+        ``addcmul`` measured 3-4x slower than ``mul_`` + ``add_`` here)."""
+        if op.scale is not None and not scaled:
+            raw.mul_(op.scale.view(view))
+        if op.shift is not None:
+            raw.add_(op.shift.view(view))
+
+    @staticmethod
+    def _activate(
+        op: Op, raw: torch.Tensor, valid: torch.Tensor, dst: torch.Tensor | None
+    ) -> torch.Tensor:
+        """ReLU, written straight into the next conv's padded plane when there is one."""
+        if dst is not None:
+            if op.relu:
+                torch.clamp_min(valid, 0, out=dst)
+            else:
+                dst.copy_(valid)
+            return dst
+        if op.relu:
+            raw.relu_()
+        return valid
+
+    @staticmethod
+    def _pool(op: Op, x: torch.Tensor, dst: torch.Tensor | None) -> torch.Tensor:
+        """Max-pooling as elementwise maxima of strided views: ~3x faster at batch 1 than
+        ``F.max_pool2d``, which also computes argmax indices on CPU."""
+        k, s = op.pool
+        h_out, w_out = (x.shape[2] - k) // s + 1, (x.shape[3] - k) // s + 1
+        rows = x[:, :, 0 : s * (h_out - 1) + 1 : s]
+        for dy in range(1, k):
+            rows = torch.maximum(rows, x[:, :, dy : dy + s * (h_out - 1) + 1 : s])
+        out = rows[..., 0 : s * (w_out - 1) + 1 : s]
+        for dx in range(1, k):
+            last = dst is not None and dx == k - 1
+            col = rows[..., dx : dx + s * (w_out - 1) + 1 : s]
+            out = torch.maximum(out, col, out=dst) if last else torch.maximum(out, col)
+        if dst is not None and k == 1:
+            dst.copy_(out)
+        return dst if dst is not None else out
+
+    def _fc(self, op: Op, x: torch.Tensor, batch: int) -> torch.Tensor:
+        g = op.layer.rows
+        scaled = False
+        if op.dense:
+            out = torch.mm(self._masked_weight(op), x)  # (G, B)
+        elif batch == 1:  # gather + row-wise dot beats embedding_bag on 1-float rows
+            n = op.count
+            index = torch.empty(g, n, dtype=torch.int32).copy_(op.index)
+            gathered = x.view(-1).index_select(0, index.view(-1)).view(g, n)
+            out = torch.mul(gathered, op.value).sum(1, keepdim=True)  # (G, 1)
+        else:
+            out = self._bags(op, x, fold_scale=True)  # (G, B)
+            scaled = True
+        self._affine(op, out, (g, 1), scaled=scaled)
+        return self._activate(op, out, out, None)
+
+    def memory_bytes(self, batch: int = 1) -> dict[str, int]:
+        """Estimate of resident and peak transient bytes of a forward at ``batch``.
+
+        ``tables``: the table tensors (shared by all subnets); ``folded``: buffers for norms
+        that also fold a bias; ``scratch``: padded activation planes, the im2col buffer and the
+        dense-path weight buffer; ``transient``: the largest per-op temporaries (output and
+        the index/value copies of the densest subnet, which bound every sparser one).
+        """
+        item = torch.empty(0, dtype=self._dtype).element_size()
+        tables = sum(t.numel() * t.element_size() for t in self.tables.tensors.values())
+        folded = sum(op.layer.rows * item for op in self._ops if op.bias_shift is not None)
+        planes, cols, transient = 0, 0, 0
+        weight = max(t.rows * t.row_size for t in self.tables.layers) * item
+        for op in self._ops:
+            if op.kind == "conv":
+                c, h, w = op.in_shape
+                k = op.kernel
+                planes += (c * batch * (h + k - 1) + 1) * (w + k - 1) * item
+                cols = max(cols, c * k * k * batch * h * (w + k - 1) * item)
+                out = op.layer.rows * batch * h * (w + k - 1) * item
+            elif op.kind == "fc":
+                out = op.layer.rows * batch * item + op.layer.row_size * batch * item
+            else:
+                continue
+            copies = op.layer.rows * op.layer.counts[0] * (4 + item)  # int32 index + values
+            transient = max(transient, out + copies)
+        scratch = planes + cols + weight
+        return {
+            "tables": tables,
+            "folded": folded,
+            "scratch": scratch,
+            "transient": transient,
+            "peak": tables + folded + scratch + transient,
+        }
+
+
+DressNet = DressRunner
