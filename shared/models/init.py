@@ -39,7 +39,8 @@ def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
     for (name, tensor), stream in zip(state.items(), streams, strict=True):
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
-        if isinstance(owner, nn.modules.batchnorm._NormBase):
+        # DRESS per-subnet norms (shared/dress/model_state.py) start like the norm layers.
+        if isinstance(owner, nn.modules.batchnorm._NormBase) or name.startswith("dress."):
             fill = {"weight": 1.0, "running_var": 1.0}.get(leaf, 0.0)
             tensor.fill_(fill)
             continue

@@ -50,6 +50,12 @@ class ArchSpec:
         for name, widths in (("hidden", self.hidden), ("channels", self.channels)):
             if any(w < 1 or w > _MAX_WIDTH for w in widths):
                 raise ValueError(f"{name} widths must lie in [1, {_MAX_WIDTH}], got {widths}")
+        if not isinstance(self.extra, dict):
+            raise ValueError("extra must be a JSON object")
+        if self.extra.get("dress") is not None:
+            from shared.dress.model_state import dress_spec
+
+            dress_spec(self.extra)  # raises DressError (a ValueError) naming the problem
         if self.kind == "cnn":
             if len(self.input_shape) != 3:
                 raise ValueError(f"cnn needs input_shape (C, H, W), got {self.input_shape}")

@@ -50,9 +50,18 @@ class SmallCNN(nn.Module):
 
 
 def build_model(spec: ArchSpec) -> nn.Module:
-    """An untrained module for ``spec`` (weights from torch's default init; see init.py)."""
+    """An untrained module for ``spec`` (weights from torch's default init; see init.py).
+
+    With ``spec.extra["dress"]`` the module also carries the DRESS allocation and per-subnet
+    norms as buffers (shared/dress/model_state.py); its forward pass is the dense backbone."""
     if spec.kind == "mlp":
-        return MLP(spec)
-    if spec.kind == "cnn":
-        return SmallCNN(spec)
-    raise ValueError(f"unknown model kind {spec.kind!r}")
+        model: nn.Module = MLP(spec)
+    elif spec.kind == "cnn":
+        model = SmallCNN(spec)
+    else:
+        raise ValueError(f"unknown model kind {spec.kind!r}")
+    if spec.extra.get("dress") is not None:
+        from shared.dress.model_state import attach, dress_spec
+
+        attach(model, dress_spec(spec.extra))
+    return model
