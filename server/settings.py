@@ -31,6 +31,8 @@ class ServerSettings(BaseSettings):
     model_arch_json: str = Field("", description="Full ArchSpec JSON; overrides model_kind/input_shape/num_classes.")
     input_shape: str = Field("1,28,28", description="Model input shape C,H,W (comma separated).")
     num_classes: int = Field(10, ge=2, le=65536)
+    dress_sparsities: str = Field("", description="Comma-separated DRESS subnet sparsities, e.g. 0.5,0.8,0.9,0.95: the fleet model becomes a DRESS model (nested sparse subnets) and rounds train the DRESS objective. Empty: a plain model.")
+    dress_gamma: float = Field(0.5, gt=0, le=10, description="DRESS subnet loss weighting exponent (Eq. 3.6).")
     init_seed: int = Field(0, ge=0, description="Seed of the initial (untrained) model version.")
     heartbeat_interval_s: float = Field(5.0, gt=0, le=3600)
     max_samples_per_upload: int = Field(4096, ge=1, description="Samples one UploadSamples stream may carry.")
@@ -75,7 +77,15 @@ class ServerSettings(BaseSettings):
         if self.model_arch_json:
             return ArchSpec.from_json(self.model_arch_json)
         shape = tuple(int(p) for p in self.input_shape.split(","))
-        return default_spec(self.model_kind, shape, self.num_classes)
+        spec = default_spec(self.model_kind, shape, self.num_classes)
+        if self.dress_sparsities.strip():
+            try:
+                sparsities = [float(v) for v in self.dress_sparsities.split(",")]
+            except ValueError as exc:
+                raise ValueError(f"dress_sparsities must be comma-separated numbers, got {self.dress_sparsities!r}") from exc
+            spec = ArchSpec(spec.kind, spec.input_shape, spec.num_classes, spec.hidden, spec.channels,
+                            {"dress": {"sparsities": sparsities, "gamma": self.dress_gamma}})
+        return spec
 
     @property
     def resolved_database_url(self) -> str:

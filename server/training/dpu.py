@@ -20,8 +20,27 @@ from typing import Literal
 from pydantic import Field
 
 import shared.codec as codec
+from server.training.dress_support import (
+    dress_loss_for,
+    dress_of,
+    finish_partial_round,
+    mean_subnet_metric,
+    stored_allocation,
+    subnet_accuracies,
+    train_from_scratch,
+)
 from server.training.policy import PolicyParams, RoundInputs, RoundOutcome, UpdatePolicy
-from shared.dpu import DPUConfig, add_residual, k_for_byte_budget, partial_parameter_names, partial_update
+from shared.dpu import (
+    DPUConfig,
+    add_residual,
+    dense_bytes,
+    k_for_byte_budget,
+    num_partial_weights,
+    paper_update_bits,
+    partial_parameter_names,
+    partial_update,
+)
+from shared.dress.model_state import norm_states_from_state
 from shared.models import build_model
 from shared.tensors import model_hash
 from shared.training import accuracy
@@ -63,31 +82,53 @@ class DPUPolicy(UpdatePolicy):
         if base is None:
             raise ValueError("DPU needs a deployed model to update")
         model = build_model(inputs.arch)
-        base_method = inputs.base_metrics.get("method")
-        first = p.full_first_round and base_method == "init"
+        model.load_state_dict(base)
+        dress = dress_of(inputs.arch)
+        allocation = stored_allocation(model, base, dress) if dress else None
+        first = p.full_first_round and inputs.base_metrics.get("method") == "init"
+        metrics: dict = {"labelled_samples": data.total, "train_samples": len(data.y_train),
+                         "val_samples": len(data.y_val), "value_format": p.value_format}
+        if dress is not None and (first or allocation is None):
+            # The first DRESS round trains Alg. 3.1 in full (there are no subnets to update yet).
+            metrics.update(variant="dress-full", k=1.0, base_val_accuracy=None)
+            metrics.update(train_from_scratch(model, dress, data, epochs=p.epochs, batch_size=p.batch_size,
+                                              seed=p.seed, progress=inputs.progress))
+            nnz = sum(int(base[n].numel()) for n in partial_parameter_names(model))
+            return self._encode(inputs, p, diff_base=base, intended=model.state_dict(), mask=None, reinit_seed=None,
+                                base_val=None, k_eff=1.0, num_partial=nnz, n_train=len(data.y_train),
+                                metrics=metrics, model=model, first=True, dress=dress)
         variant = "full" if first else p.variant
-        n_at_last_init = inputs.base_metrics.get("n_at_last_init")
-        if first:
-            n_at_last_init = None  # this round is the initialisation (§5.4.2 bookkeeping)
+        n_at_last_init = None if first else inputs.base_metrics.get("n_at_last_init")
         names = partial_parameter_names(model)
         k = p.k
         if p.byte_budget is not None and variant != "full":
             k = self._k_for_budget(p.byte_budget, base, names, p.value_format)
-        metrics: dict = {"labelled_samples": data.total, "train_samples": len(data.y_train),
-                         "val_samples": len(data.y_val), "variant": variant, "value_format": p.value_format}
+        metrics["variant"] = variant
+        loss_fn = dress_loss_for(dress, allocation) if dress else None
+        metric_fn = mean_subnet_metric(allocation, data) if dress else None
         for attempt in range(MAX_BUDGET_ATTEMPTS):
             cfg = DPUConfig(k=k, method=variant, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
                             optimizer=p.optimizer, weight_decay=p.weight_decay, seed=p.seed, init_seed=p.init_seed,
                             skip_if_worse=p.skip_if_worse)
             result = partial_update(model, base, data.x_train, data.y_train, data.x_val, data.y_val, cfg,
-                                    progress=inputs.progress, n_at_last_init=n_at_last_init, reinit=p.reinit)
+                                    loss_fn=loss_fn, progress=inputs.progress, metric_fn=metric_fn,
+                                    n_at_last_init=n_at_last_init, reinit=p.reinit)
             metrics.update(k=k, k_effective=result.k_effective, nnz=result.nnz, num_partial=result.num_partial,
                            base_val_accuracy=result.base_val_accuracy, val_accuracy=result.val_accuracy)
             if result.notes:
                 metrics["notes"] = result.notes
             if result.skipped:
                 return RoundOutcome(None, metrics, skip_reason=result.skip_reason)
-            outcome = self._encode(inputs, p, result, metrics, model, first)
+            if dress is not None:
+                model.load_state_dict(result.state)
+                finish_partial_round(model, dress, allocation, data, batch_size=p.batch_size, seed=p.seed)
+                intended = model.state_dict()
+            else:
+                intended = result.state
+            outcome = self._encode(inputs, p, diff_base=result.diff_base, intended=intended, mask=result.mask,
+                                   reinit_seed=result.reinit_seed, base_val=result.base_val_accuracy,
+                                   k_eff=result.k_effective, num_partial=result.num_partial, n_train=result.n_train,
+                                   metrics=metrics, model=model, first=first, dress=dress)
             if outcome.state is None or p.byte_budget is None or metrics["diff_bytes"] <= p.byte_budget:
                 return outcome
             # The estimate was optimistic: shrink k in proportion and run the round again.
@@ -102,49 +143,49 @@ class DPUPolicy(UpdatePolicy):
         # fp16/int8 (bench/codec.py); 5% plus a header allowance keeps the estimate conservative,
         # and the real encoding is checked afterwards.
         header = 160 + 96 * len(base)
+        total = num_partial_weights(base, names)
+        dense = dense_bytes(base, names)
 
         def size_fn(k: float) -> int:
-            from shared.dpu import dense_bytes, paper_update_bits, num_partial_weights
-
-            total = num_partial_weights(base, names)
-            return math.ceil(1.05 * paper_update_bits(k, total, VALUE_BITS[value_format]) / 8) + dense_bytes(
-                base, names) + header
+            return math.ceil(1.05 * paper_update_bits(k, total, VALUE_BITS[value_format]) / 8) + dense + header
 
         return max(k_for_byte_budget(budget, base, names, VALUE_BITS[value_format], size_fn), 1e-6)
 
-    def _encode(self, inputs: RoundInputs, p: DPUParams, result, metrics: dict, model, first: bool) -> RoundOutcome:
-        diff_base = result.diff_base
-        intended = result.state
+    def _encode(self, inputs: RoundInputs, p: DPUParams, *, diff_base, intended, mask, reinit_seed, base_val,
+                k_eff: float, num_partial: int, n_train: int, metrics: dict, model, first: bool,
+                dress) -> RoundOutcome:
         carry = dict(inputs.carry)
         residual = carry.get("residual")
-        reinit = result.reinit_seed is not None
-        if residual and not reinit and p.value_format != "fp32":
-            intended, leftover = add_residual(intended, residual, mask=result.mask)
-        else:
-            leftover = {}
+        reinit = reinit_seed is not None
+        leftover: dict = {}
+        if residual and not reinit and not first and p.value_format != "fp32":
+            intended, leftover = add_residual(intended, residual, mask=mask)
         update = codec.make_update(diff_base, intended, value_format=p.value_format)
         target = update.target
-        if p.value_format != "fp32":
-            model.load_state_dict(target)
-            exact_acc = accuracy(model, inputs.data.x_val, inputs.data.y_val)
+        model.load_state_dict(target)
+        if dress is not None:
+            allocation = stored_allocation(model, target, dress)
+            accs = subnet_accuracies(model, allocation, inputs.data, norm_states_from_state(model, target, dress))
+            metrics["subnet_val_accuracy"] = accs
+            metrics["val_accuracy"] = sum(accs) / len(accs)
+        elif p.value_format != "fp32":
             metrics["val_accuracy_unquantised"] = metrics["val_accuracy"]
-            metrics["val_accuracy"] = exact_acc
-            if p.skip_if_worse and exact_acc <= result.base_val_accuracy:
+            metrics["val_accuracy"] = accuracy(model, inputs.data.x_val, inputs.data.y_val)
+        if p.value_format != "fp32":
+            if p.skip_if_worse and base_val is not None and metrics["val_accuracy"] <= base_val:
                 return RoundOutcome(None, metrics, skip_reason=(
-                    f"after {p.value_format} encoding, validation accuracy {exact_acc:.4f} does not beat "
-                    f"the deployed model's {result.base_val_accuracy:.4f}"))
+                    f"after {p.value_format} encoding, validation accuracy {metrics['val_accuracy']:.4f} does not "
+                    f"beat the deployed model's {base_val:.4f}"))
             carry["residual"] = {n: update.residual[n] + leftover.get(n, 0) for n in update.residual}
         else:
             carry.pop("residual", None)
         base_hash = model_hash(diff_base)
         diff = codec.encode_update(update, base_hash)
-        sizes = codec.size_breakdown(diff)
         metrics["diff_bytes"] = len(diff)
-        metrics["diff_sections"] = sizes
-        metrics["paper_bytes"] = math.ceil(codec.ideal_paper_bits(result.k_effective, result.num_partial,
-                                                                  VALUE_BITS[p.value_format]) / 8)
-        n_at_last_init = inputs.base_metrics.get("n_at_last_init")
-        metrics["n_at_last_init"] = result.n_train if (reinit or first) else n_at_last_init
-        return RoundOutcome(target, metrics, reinit_seed=result.reinit_seed, diff=diff,
+        metrics["diff_sections"] = codec.size_breakdown(diff)
+        metrics["paper_bytes"] = math.ceil(codec.ideal_paper_bits(k_eff, num_partial, VALUE_BITS[p.value_format]) / 8)
+        previous = inputs.base_metrics.get("n_at_last_init")
+        metrics["n_at_last_init"] = n_train if (reinit or first) else previous
+        return RoundOutcome(target, metrics, reinit_seed=reinit_seed, diff=diff,
                             diff_encoding=codec.DIFF_ENCODING, diff_base_hash=base_hash,
                             diff_base_state=diff_base if reinit else None, carry=carry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from server.training.dress_support import dress_of, train_from_scratch
 from server.training.policy import PolicyParams, RoundInputs, RoundOutcome, UpdatePolicy
 from shared.models import build_model, init_weights_from_seed
 from shared.training import TrainConfig, accuracy, train_supervised
@@ -38,6 +39,16 @@ class FullRetrainPolicy(UpdatePolicy):
         if p.from_scratch or inputs.base_state is None:
             init_weights_from_seed(model, p.seed)
         x_val, y_val = (data.x_val, data.y_val) if len(data.y_val) else (None, None)
+        dress = dress_of(inputs.arch)
+        if dress is not None and x_val is not None:
+            # A DRESS fleet: full updating trains the whole DRESS objective (Alg. 3.1).
+            extra = train_from_scratch(model, dress, data, epochs=p.epochs, batch_size=p.batch_size, seed=p.seed,
+                                       progress=inputs.progress)
+            accs = extra["subnet_val_accuracy"]
+            metrics = {"labelled_samples": data.total, "train_samples": len(data.y_train),
+                       "val_samples": len(data.y_val), "val_accuracy": sum(accs) / len(accs),
+                       "subnet_val_accuracy": accs, "base_val_accuracy": None, "variant": "dress-full"}
+            return RoundOutcome(model.state_dict(), metrics, reinit_seed=p.seed if p.from_scratch else None)
         stats = train_supervised(
             model, data.x_train, data.y_train,
             TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, seed=p.seed),
