@@ -142,6 +142,8 @@ def fleet_run(
     rate_per_s: Annotated[float, typer.Option(help="Samples per second per agent.")] = 400.0,
     round_timeout_s: Annotated[float, typer.Option(help="Give up on a round after this long.")] = 900.0,
     json_out: Annotated[Path | None, typer.Option(help="Save the per-round figures here.")] = None,
+    dress_sparsities: Annotated[str, typer.Option(help="DRESS subnet sparsities ('' for a plain model).")] = "0.5,0.8,0.9,0.95",
+    budgets: Annotated[str | None, typer.Option(help='Per-agent static budgets, a JSON list cycled over the agents, e.g. \'[{}, {"energy_mj": 0.03}]\'.')] = None,
 ) -> None:
     """Start a server and N agents locally, run update rounds through REST, print a table."""
     import json as _json
@@ -155,7 +157,8 @@ def fleet_run(
         cfg = FleetConfig(agents=agents, rounds=rounds, dataset=dataset, samples_per_agent=samples_per_agent,
                           method=method, model_kind=model_kind, epochs=epochs, extra_params=extra,
                           work_dir=work_dir, database_url=database_url, rate_per_s=rate_per_s,
-                          round_timeout_s=round_timeout_s, json_out=json_out)
+                          round_timeout_s=round_timeout_s, json_out=json_out, dress_sparsities=dress_sparsities,
+                          **({"budgets": _json.loads(budgets)} if budgets else {}))
     except (ValueError, TypeError) as exc:
         _fail(exc)
     result = run_fleet(cfg)

@@ -44,6 +44,11 @@ class FleetConfig:
     json_out: Path | None = None
     shard_alpha: float = 0.5
     startup_timeout_s: float = 120.0
+    # DRESS nested subnets (empty: a plain model) and the static budget of each agent, cycled
+    # over the agents. Energy is in mJ per inference (a FLOPs proxy where no power is measured:
+    # the dense 784-512-512-10 MLP costs ~0.13 mJ, its 95%-sparse subnet ~0.007 mJ).
+    dress_sparsities: str = "0.5,0.8,0.9,0.95"
+    budgets: list[dict[str, float]] = field(default_factory=lambda: [{}, {"energy_mj": 0.03}, {"energy_mj": 0.01}])
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1 or self.samples_per_agent < 1:
@@ -94,7 +99,8 @@ class LocalFleet:
     def start(self) -> None:
         ready = self.work / "server.ready.json"
         ready.unlink(missing_ok=True)
-        env = {**os.environ, "EDGELOOP_MODEL_KIND": self.cfg.model_kind}
+        env = {**os.environ, "EDGELOOP_MODEL_KIND": self.cfg.model_kind,
+               "EDGELOOP_DRESS_SPARSITIES": self.cfg.dress_sparsities}
         if self.cfg.database_url:
             env["EDGELOOP_DATABASE_URL"] = self.cfg.database_url
         from shared.data import load_dataset
@@ -118,6 +124,9 @@ class LocalFleet:
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30)
         for i in range(self.cfg.agents):
             agent_env = {**os.environ, "EDGELOOP_AGENT_SHARD_ALPHA": str(self.cfg.shard_alpha)}
+            budget = self.cfg.budgets[i % len(self.cfg.budgets)] if self.cfg.budgets else {}
+            for key, value in budget.items():
+                agent_env[f"EDGELOOP_AGENT_BUDGET_{key.upper()}"] = str(value)
             self.agents.append(subprocess.Popen(
                 [*_python(), "agent", "run", "--server", f"127.0.0.1:{self.grpc_port}",
                  "--data-dir", str(self.work / f"agent-{i}"), "--name", f"sim-{i}", "--tags", "sim",
@@ -211,8 +220,8 @@ def _fmt_acc(a: float | None) -> str:
 
 def render_table(rows: list[RoundRow], console: Console) -> None:
     table = Table(title="EdgeLoop local fleet: update rounds")
-    for col in ("round", "method", "status", "labelled", "val acc before -> after", "bytes sent per agent",
-                "vs full model", "agents on new version", "agent acc", "wall s"):
+    for col in ("round", "method", "status", "labelled", "val acc before -> after", "subnet val acc",
+                "bytes sent per agent", "vs full model", "agents on new version", "agent acc", "wall s"):
         table.add_column(col, justify="right")
     for r in rows:
         sent = list(r.bytes_per_agent.values())
@@ -227,8 +236,22 @@ def render_table(rows: list[RoundRow], console: Console) -> None:
         method = r.metrics.get("variant", "") + (f" k={r.metrics['k']:g}" if r.metrics.get("variant") not in (None, "full") else "")
         table.add_row(str(r.round), method or "-", r.status if r.status != "skipped" else f"skipped ({r.reason[:40]})",
                       str(r.labelled_samples), f"{_fmt_acc(r.base_val_accuracy)} -> {_fmt_acc(r.val_accuracy)}",
+                      "/".join(f"{100 * a:.1f}" for a in r.metrics.get("subnet_val_accuracy") or []) or "-",
                       per_agent, ratio, f"{r.agents_on_version}/{r.agents_total}", _fmt_acc(r.agent_accuracy),
                       f"{r.wall_s:.1f}")
+    console.print(table)
+
+
+def render_devices(devices: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="agents at the end of the run")
+    for col in ("agent", "model", "active subnet", "budget", "budget hits / misses", "accuracy"):
+        table.add_column(col, justify="right")
+    for d in devices:
+        m = d.get("metrics") or {}
+        budget = ", ".join(f"{k}={v:g}" for k, v in (d.get("budget") or {}).items()) or "none"
+        acc = m.get("recent_accuracy", m.get("accuracy"))
+        table.add_row(d.get("name", d["id"]), (d.get("model_hash") or "-")[:12], str(d.get("active_subnet", -1)),
+                      budget, f"{int(m.get('budget_hits', 0))} / {int(m.get('budget_misses', 0))}", _fmt_acc(acc))
     console.print(table)
 
 
@@ -252,6 +275,7 @@ def run_fleet(cfg: FleetConfig) -> FleetResult:
             console.print(f"round {r}: {row.status} in {row.wall_s:.1f}s, val acc {_fmt_acc(row.val_accuracy)}, "
                           f"{row.agents_on_version}/{row.agents_total} agents on the new version")
         render_table(rows, console)
+        render_devices(fleet.get("/devices?limit=1000")["data"], console)
         ok = all(r.status in ("done", "skipped") for r in rows) and all(
             r.agents_on_version == r.agents_total for r in rows if r.status == "done")
         if cfg.json_out:
