@@ -1,11 +1,15 @@
 """The agent daemon: inference never waits for the network.
 
-Four threads share local state only:
+Five threads share local state only:
 - inference: poll the input source, predict, log predictions, queue samples to upload;
 - uploader: drain the on-disk queue to the server, acknowledging only committed samples;
-- control: register, heartbeat, and run the updater when the target version changes;
+- control: register, heartbeat, run the updater when the target version changes, and profile
+  the DRESS subnets of every new model on this device;
 - watcher: hold a WatchUpdates stream so a new version is noticed at once, not at the next
-  heartbeat.
+  heartbeat;
+- governor: every ``governor_interval_s``, and at once after a PUT /budget, let the
+  :class:`~edge_agent.governor.BudgetGovernor` pick the DRESS subnet that fits the budgets in
+  force (thesis §3.1) and switch the runner to it.
 Network failures are retried with exponential backoff and jitter; the queue is bounded.
 """
 
@@ -20,6 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.backoff import Backoff
+from edge_agent.budget_sources import (
+    BatteryBudgetSource,
+    Budget,
+    BudgetError,
+    FileBudgetSource,
+    HttpBudgetSource,
+    LoadBudgetSource,
+    StaticBudgetSource,
+)
 from edge_agent.client import (
     ClientError,
     CredentialRejected,
@@ -27,9 +40,11 @@ from edge_agent.client import (
     PermanentError,
     TransientError,
 )
+from edge_agent.governor import BudgetGovernor, Decision
 from edge_agent.identity import Identity, hardware_id, load_identity, save_identity
 from edge_agent.model_store import ModelStore
 from edge_agent.predictions import PredictionLog
+from edge_agent.profiling import profile_subnets
 from edge_agent.runner import ModelRunner
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import DatasetShardSource, FolderWatchSource, InputSource, Observation
@@ -59,6 +74,46 @@ def make_source(settings: AgentSettings, input_shape: tuple[int, ...] | None = N
     return DatasetShardSource(x[shard], y[shard], rate_per_s=settings.rate_per_s or float("inf"),
                               seed=settings.shard_seed + settings.shard_index, loop=settings.loop_source,
                               send_labels=settings.send_labels)
+
+
+def budget_sources(
+    settings: AgentSettings, http: HttpBudgetSource
+) -> tuple[list, BatteryBudgetSource | None]:
+    """The budget sources the settings ask for (the HTTP one always: PUT /budget), and the
+    battery source, whose measured power also prices energy."""
+    static = Budget(settings.budget_latency_ms, settings.budget_memory_mb,
+                    settings.budget_energy_mj)
+    sources: list = [StaticBudgetSource(static), http]
+    if settings.budget_file is not None:
+        sources.append(FileBudgetSource(settings.budget_file))
+    battery = BatteryBudgetSource(policy=settings.battery_policy_obj) if settings.battery else None
+    if battery is not None:
+        sources.append(battery)
+    if settings.load_budget:
+        sources.append(LoadBudgetSource())
+    return sources, battery
+
+
+def merged_budget(sources: list) -> Budget:
+    """The budget in force: the tightest field over all sources, then every ``tighten``
+    (the governor's own merge, for when no DRESS model is governed). A failing source counts
+    as no limit here: this only reports."""
+    budgets = []
+    for s in sources:
+        try:
+            budgets.append(s.read())
+        except Exception:  # noqa: BLE001 - reporting must not break heartbeats
+            log.debug("budget source %s failed", getattr(s, "name", s), exc_info=True)
+    merged = Budget.merge(*budgets)
+    for s in sources:
+        tighten = getattr(s, "tighten", None)
+        if callable(tighten):
+            try:
+                merged = tighten(merged)
+            except Exception:  # noqa: BLE001
+                log.debug("budget source %s could not tighten", getattr(s, "name", s),
+                          exc_info=True)
+    return merged
 
 
 class Agent:
@@ -100,22 +155,36 @@ class Agent:
         self.recent_labelled: deque[tuple[np.ndarray, int]] = deque(maxlen=512)
         self.recent_accuracy: dict[str, float] = {}
         self._threads: list[threading.Thread] = []
+        # DRESS budget governor. The HTTP source exists even while a plain model runs, so a
+        # budget PUT then still holds once a DRESS model arrives.
+        self.wake_governor = threading.Event()
+        self.http_budget = HttpBudgetSource(on_change=lambda _b: self.wake_governor.set())
+        self.budget_sources, self.battery = budget_sources(settings, self.http_budget)
+        self.governor: BudgetGovernor | None = None
+        self.governed_hash = ""  # the model whose profiles the governor holds
+        self.profiled_hash: str | None = None  # the model last profiled (or found plain)
+        self.profile_seconds = 0.0
+        self._govern_lock = threading.Lock()  # decide + apply: one decision lands at a time
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         for name, fn in (("inference", self._inference_loop), ("uploader", self._upload_loop),
-                         ("control", self._control_loop), ("watcher", self._watch_loop)):
+                         ("control", self._control_loop), ("watcher", self._watch_loop),
+                         ("governor", self._governor_loop)):
             t = threading.Thread(target=self._guard(fn), name=name, daemon=True)
             t.start()
             self._threads.append(t)
         if self.settings.status_port >= 0:
-            self.status_server = StatusServer(self.settings.status_host, self.settings.status_port, self.status)
+            self.status_server = StatusServer(
+                self.settings.status_host, self.settings.status_port, self.status,
+                on_put_budget=self.http_budget.on_put)
             self.status_server.start()
             log.info("status endpoint http://%s:%d/status", self.settings.status_host, self.status_server.port)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
         self.wake_control.set()
+        self.wake_governor.set()
         self.client.close()  # unblocks streaming calls
         for t in self._threads:
             t.join(timeout)
@@ -157,9 +226,13 @@ class Agent:
                 if not batch:
                     return
         if self.runner.ready:
-            preds, confs = self.runner.predict(np.stack([o.x for o in batch]))
-            for o, p, c in zip(batch, preds, confs, strict=True):
-                self.predictions.add(int(p), float(c), o.label, self.runner.model_hash, now)
+            if self.runner.is_dress:
+                preds, confs, hashes = self._predict_one_by_one(batch)
+            else:
+                out = self.runner.predict_timed(np.stack([o.x for o in batch]))
+                preds, confs, hashes = out.pred, out.conf, [out.model_hash] * len(batch)
+            for o, p, c, h in zip(batch, preds, confs, hashes, strict=True):
+                self.predictions.add(int(p), float(c), o.label, h, now)
         for o in batch:
             if o.label is not None:
                 self.recent_labelled.append((o.x, o.label))
@@ -169,6 +242,89 @@ class Agent:
                 continue
             payload = encode_sample(o.x)
             self.queue.put(QueuedSample(sample_id(payload), payload, o.label, dict(o.metadata), now))
+
+    def _predict_one_by_one(
+        self, batch: list[Observation]
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """DRESS: batch-1 calls, the quantity the subnets were profiled with, each timing fed to
+        the governor's drift estimate (a 32-input batch would read as a 32x slowdown)."""
+        preds, confs, hashes = [], [], []
+        for o in batch:
+            p = self.runner.predict_timed(o.x[None])
+            preds.append(p.pred[0])
+            confs.append(p.conf[0])
+            hashes.append(p.model_hash)
+            gov = self.governor
+            if gov is not None and p.subnet >= 0 and p.model_hash == self.governed_hash:
+                try:
+                    gov.observe_latency(p.subnet, p.forward_ms)
+                except BudgetError:  # profiles replaced by a new model's in the meantime
+                    pass
+        return np.array(preds), np.array(confs, dtype=np.float32), hashes
+
+    # --- budget governor -------------------------------------------------------------------------
+    def _power_w(self) -> float | None:
+        return self.battery.power_w if self.battery is not None else None
+
+    def _refresh_profiles(self) -> None:
+        """Profile the running model's subnets if it changed since the last profile (control
+        thread; inference keeps running on its own runner meanwhile), then hand the profiles
+        to the governor and apply its fresh decision."""
+        model_hash = self.runner.model_hash
+        if model_hash == self.profiled_hash:
+            return
+        self.profiled_hash = model_hash  # also on failure: no retry loop on a broken model
+        if not self.runner.is_dress:
+            return
+        t0 = time.perf_counter()
+        profiles = profile_subnets(self.runner, self.settings.profile_reps, power_w=self._power_w())
+        self.profile_seconds = time.perf_counter() - t0
+        with self._govern_lock:
+            if self.governor is None:
+                s = self.settings
+                self.governor = BudgetGovernor(
+                    profiles, self.budget_sources, hysteresis=s.governor_hysteresis,
+                    min_dwell_s=s.governor_min_dwell_s, power_w=self._power_w)
+                decision = self.governor.decide()
+            else:
+                decision = self.governor.update_profiles(profiles)
+            self.governed_hash = model_hash
+            self._apply(decision, model_hash)
+        log.info("profiled %d subnets of %s in %.2f s; running subnet %d (%s)", len(profiles),
+                 model_hash[:12], self.profile_seconds, self.runner.active_subnet, decision.reason)
+
+    def _apply(self, decision: Decision, model_hash: str) -> None:
+        if self.runner.active_subnet == decision.subnet:
+            return
+        if self.runner.set_subnet(decision.subnet, model_hash):
+            log.info("running subnet %d: %s", decision.subnet, decision.reason)
+
+    def _govern(self) -> Decision | None:
+        """One decision for the governed model, applied; None while no DRESS model is governed."""
+        with self._govern_lock:
+            gov, model_hash = self.governor, self.governed_hash
+            if gov is None or model_hash != self.runner.model_hash:
+                return None
+            decision = gov.decide()
+            self._apply(decision, model_hash)
+            return decision
+
+    def _governor_loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._govern()
+            self.wake_governor.wait(self.settings.governor_interval_s)
+            self.wake_governor.clear()
+
+    @property
+    def governed(self) -> BudgetGovernor | None:
+        """The governor, while its profiles belong to the running model."""
+        gov = self.governor
+        return gov if gov is not None and self.governed_hash == self.runner.model_hash else None
+
+    def current_budget(self) -> Budget:
+        gov = self.governed
+        decision = gov.last_decision if gov is not None else None
+        return decision.budget if decision is not None else merged_budget(self.budget_sources)
 
     # --- uploads --------------------------------------------------------------------------------
     def _upload_loop(self) -> None:
@@ -232,8 +388,10 @@ class Agent:
             log.info("registered as device %s", resp.device_id)
 
     def _heartbeat(self) -> None:
+        budget = {k: v for k, v in self.current_budget().to_dict().items() if v is not None}
         resp = self.client.heartbeat(pb.HeartbeatRequest(
-            model_hash=self.runner.model_hash, active_subnet=-1, metrics=self.metrics(),
+            model_hash=self.runner.model_hash, active_subnet=self.runner.active_subnet,
+            budget=pb.Budget(**budget), metrics=self.metrics(),
             state=self.updater.state, last_error=self.last_error, samples_pending=len(self.queue),
         ))
         self.connected = True
@@ -247,6 +405,7 @@ class Agent:
         next_update_try = 0.0
         while not self.stop_event.is_set():
             delay = self.heartbeat_interval
+            self._refresh_profiles_safely()
             try:
                 self._ensure_identity()
                 self._heartbeat()
@@ -255,6 +414,7 @@ class Agent:
                     self.updater.update_to(self.target_hash)
                     self.last_error = ""
                     self._score_recent()
+                    self._refresh_profiles_safely()
                     update_backoff.reset()
                     self._heartbeat()  # report the new version at once
             except CredentialRejected:
@@ -274,6 +434,13 @@ class Agent:
                 delay = backoff.next_delay()
             self.wake_control.wait(delay)
             self.wake_control.clear()
+
+    def _refresh_profiles_safely(self) -> None:
+        try:
+            self._refresh_profiles()
+        except Exception as exc:  # noqa: BLE001 - the model keeps running on its current subnet
+            log.exception("profiling model %s failed", self.runner.model_hash[:12])
+            self.last_error = f"profiling failed: {exc}"
 
     def _watch_loop(self) -> None:
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
@@ -323,6 +490,11 @@ class Agent:
         recent = self.recent_accuracy.get(self.runner.model_hash)
         if recent is not None:
             m["recent_accuracy"] = recent
+        gov = self.governed
+        if gov is not None:
+            m.update(gov.metrics())
+            m["profile_seconds"] = self.profile_seconds
+        m["active_subnet"] = float(self.runner.active_subnet)  # what runs, not what was decided
         return m
 
     def status(self) -> dict:
@@ -337,6 +509,9 @@ class Agent:
             "metrics": self.metrics(),
             "predictions": self.predictions.summary(),
             "runner": self.runner.describe(),
+            "budget": self.current_budget().to_dict(),
+            "governor": gov.status() if (gov := self.governed) is not None else None,
+            "profiles": [p.to_dict() for p in gov.profiles] if gov is not None else [],
         }
 
 

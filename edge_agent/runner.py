@@ -1,50 +1,157 @@
 """The model runner: owns the in-memory model the agent infers with.
 
-This is the seam DRESS plugs into (a runner over nested sparse subnets with ``set_subnet``);
-the daemon only uses ``load``, ``predict``, ``model_hash`` and ``describe``.
+A plain model runs as its torch module. A DRESS model (``arch.extra["dress"]``, thesis ch. 3)
+runs through a :class:`~shared.dress.DressRunner` over DRESS-CSR tables rebuilt from the state
+(``shared.dress.model_state.tables_from_state``, deterministic, so the device's tables equal
+the server's); ``set_subnet(k)`` switches between its K nested subnets without copying a
+weight (§3.3.4). A DRESS model that was never DRESS-trained (the server's version 0 has an
+all-zero allocation) runs densely, with ``active_subnet == -1``.
+
+Everything a new model needs is built before the lock is taken, and swapped in under it:
+inference never sees a half-loaded model, and a failed build leaves the old model running.
 """
 
 from __future__ import annotations
 
+import logging
+import numbers
 import threading
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from shared.dress import DressError, DressRunner, DressTables
+from shared.dress.model_state import dress_spec, tables_from_state
 from shared.models import ArchSpec, build_model
 from shared.tensors import to_model_input
+
+log = logging.getLogger(__name__)
+
+
+class SubnetError(ValueError):
+    """``set_subnet`` was given a subnet the loaded model does not have."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One ``predict_timed`` call: results plus what produced them."""
+
+    pred: np.ndarray
+    conf: np.ndarray
+    model_hash: str
+    subnet: int  # -1: a plain (or not yet DRESS-trained) model
+    forward_ms: float  # the model's forward alone, as shared.dress.measure_latency times it
 
 
 class ModelRunner:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._model: torch.nn.Module | None = None
+        self._dress: DressRunner | None = None
         self.arch: ArchSpec | None = None
         self.model_hash = ""
         self.state: dict[str, torch.Tensor] | None = None
 
     @property
     def ready(self) -> bool:
-        return self._model is not None
+        return self._model is not None or self._dress is not None
 
-    def load(self, arch: ArchSpec, state: dict[str, torch.Tensor], model_hash: str) -> None:
-        """Build the new model fully, then swap it in under the lock (inference never sees a
-        half-loaded model)."""
+    @property
+    def is_dress(self) -> bool:
+        return self._dress is not None
+
+    @property
+    def tables(self) -> DressTables | None:
+        """The DRESS-CSR tables of the running model (None: plain or untrained DRESS model)."""
+        dress = self._dress
+        return dress.tables if dress is not None else None
+
+    @property
+    def num_subnets(self) -> int:
+        dress = self._dress
+        return dress.num_subnets if dress is not None else 0
+
+    @property
+    def active_subnet(self) -> int:
+        dress = self._dress
+        return dress.subnet if dress is not None else -1
+
+    def load(self, arch: ArchSpec, state: dict[str, torch.Tensor], model_hash: str,
+             subnet: int | None = None) -> None:
+        """Build the new model fully, then swap it in under the lock.
+
+        A DRESS model starts on ``subnet`` if given, else on the subnet running now when the
+        new model has it (the governor's choice survives an update until it re-profiles),
+        else on the sparsest one (the cheapest, so a tight budget is not broken meanwhile).
+        """
         model = build_model(arch)
-        model.load_state_dict(state)
+        model.load_state_dict(state)  # validates every key and shape, DRESS buffers included
         model.eval()
+        dress = None
+        if dress_spec(arch.extra) is not None:
+            try:
+                tables = tables_from_state(state, arch)
+            except DressError as exc:  # version 0: allocation still all zeros
+                log.info("model %s runs densely: %s", model_hash[:12], exc)
+            else:
+                k = subnet
+                if k is None:
+                    current = self.active_subnet
+                    k = current if 0 <= current < tables.num_subnets else tables.num_subnets - 1
+                dress = DressRunner(tables, subnet=self._check_k(k, tables.num_subnets))
+                model = None  # the tables hold every weight DRESS runs; drop the dense copy
         with self._lock:
-            self._model, self.arch, self.model_hash, self.state = model, arch, model_hash, state
+            self._model, self._dress = model, dress
+            self.arch, self.model_hash, self.state = arch, model_hash, state
+
+    @staticmethod
+    def _check_k(k: object, num_subnets: int) -> int:
+        if num_subnets == 0:
+            raise SubnetError(f"cannot select subnet {k!r}: the running model has no DRESS subnets")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < num_subnets:
+            raise SubnetError(f"subnet must be an int in [0, {num_subnets}), got {k!r}")
+        return int(k)
+
+    def set_subnet(self, k: int, model_hash: str | None = None) -> bool:
+        """Switch the DRESS subnet (views of the tables, no weight copy).
+
+        With ``model_hash``, switches only while that model is loaded and returns False
+        otherwise: a decision made for the previous model must not land on a new one. Raises
+        :class:`SubnetError` for a plain model or an out-of-range ``k``. Waits at most for one
+        in-flight ``predict`` (DressRunner is not thread-safe).
+        """
+        with self._lock:
+            if model_hash is not None and model_hash != self.model_hash:
+                return False
+            k = self._check_k(k, self.num_subnets)
+            if self._dress.subnet != k:
+                self._dress.set_subnet(k)
+            return True
 
     @torch.no_grad()
+    def predict_timed(self, x: np.ndarray) -> Prediction:
+        """Predicted classes and softmax confidences for a batch, with the model hash and the
+        subnet that produced them and the forward time (read under the lock, so they agree)."""
+        inputs = to_model_input(x)
+        with self._lock:
+            net = self._dress if self._dress is not None else self._model
+            if net is None:
+                raise RuntimeError("no model loaded")
+            subnet, model_hash = self.active_subnet, self.model_hash
+            start = time.perf_counter()
+            logits = net(inputs)
+            forward_ms = (time.perf_counter() - start) * 1e3
+        conf, pred = torch.softmax(logits, dim=1).max(dim=1)
+        return Prediction(pred.numpy(), conf.numpy(), model_hash, subnet, forward_ms)
+
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted classes and their softmax confidences for a batch."""
-        with self._lock:
-            if self._model is None:
-                raise RuntimeError("no model loaded")
-            probs = torch.softmax(self._model(to_model_input(x)), dim=1)
-        conf, pred = probs.max(dim=1)
-        return pred.numpy(), conf.numpy()
+        p = self.predict_timed(x)
+        return p.pred, p.conf
 
     def describe(self) -> dict:
-        return {"model_hash": self.model_hash, "arch": self.arch.to_json() if self.arch else None, "active_subnet": -1}
+        return {"model_hash": self.model_hash, "arch": self.arch.to_json() if self.arch else None,
+                "active_subnet": self.active_subnet, "num_subnets": self.num_subnets,
+                "sparsities": list(self.tables.sparsities) if self.tables is not None else None}

@@ -49,12 +49,38 @@ class AgentSettings(BaseSettings):
     max_artefact_bytes: int = Field(512 << 20, ge=1 << 10, description="Refuse larger downloads.")
     chunk_bytes: int = Field(256 << 10, ge=1 << 10, le=4 << 20)
     log_level: str = Field("INFO")
+    # --- DRESS budget governor (docs/governor.md) -------------------------------------------
+    budget_latency_ms: float | None = Field(None, ge=0, description="Static latency budget per batch-1 inference call, ms (empty: no limit).")
+    budget_memory_mb: float | None = Field(None, ge=0, description="Static peak-memory budget of the active subnet, MB (empty: no limit).")
+    budget_energy_mj: float | None = Field(None, ge=0, description="Static energy budget per batch-1 inference call, mJ (empty: no limit).")
+    budget_file: Path | None = Field(None, description="JSON budget file re-read when it changes, e.g. {\"latency_ms\": 8} (empty: none).")
+    battery: bool = Field(True, description="Energy budget from the battery level under /sys/class/power_supply (no battery: no limit); its measured power prices energy.")
+    battery_policy: str = Field("", description="Battery level -> energy budget as 'pct:mJ,...', e.g. '10:0.5,25:2' (empty: those defaults).")
+    load_budget: bool = Field(True, description="Tighten the latency budget while the CPU is loaded or hot.")
+    governor_interval_s: float = Field(0.5, gt=0, le=3600, description="How often the governor re-reads the budgets and picks a subnet (a PUT /budget also wakes it).")
+    governor_hysteresis: float = Field(0.1, ge=0, lt=1, description="Switch up to a denser subnet only if it fits every budget with this margin.")
+    governor_min_dwell_s: float = Field(2.0, ge=0, description="Seconds after a switch before switching up again (down-switches are immediate).")
+    profile_reps: int = Field(30, ge=1, le=10000, description="Timed batch-1 calls per subnet when profiling a new DRESS model.")
 
     @field_validator("server")
     @classmethod
     def _hostport(cls, v: str) -> str:
         if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9._-]+):\d{1,5}", v):
             raise ValueError(f"server must be host:port, got {v!r}")
+        return v
+
+    @field_validator("budget_latency_ms", "budget_memory_mb", "budget_energy_mj", "budget_file",
+                     mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v  # EDGELOOP_AGENT_BUDGET_X=""
+
+    @field_validator("battery_policy")
+    @classmethod
+    def _battery_policy(cls, v: str) -> str:
+        from edge_agent.budget_sources import BatteryPolicy
+
+        BatteryPolicy.parse(v)  # raises BudgetError (a ValueError) naming the bad item
         return v
 
     @model_validator(mode="after")
@@ -64,6 +90,14 @@ class AgentSettings(BaseSettings):
         if self.source == "folder" and self.watch_dir is None:
             raise ValueError("source=folder needs watch_dir")
         return self
+
+    @property
+    def battery_policy_obj(self):
+        """The parsed :class:`~edge_agent.budget_sources.BatteryPolicy` (empty: its defaults)."""
+        from edge_agent.budget_sources import BatteryPolicy
+
+        text = self.battery_policy
+        return BatteryPolicy.parse(text) if text.strip() else BatteryPolicy()
 
     @property
     def tag_list(self) -> list[str]:

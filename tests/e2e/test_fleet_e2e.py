@@ -19,7 +19,7 @@ def _installed_hash(agent_dir: Path) -> str:
 
 def test_round_reaches_every_agent(tmp_path: Path) -> None:
     cfg = FleetConfig(agents=3, rounds=1, samples_per_agent=300, epochs=4, work_dir=tmp_path,
-                      rate_per_s=0, round_timeout_s=300, method="full")
+                      rate_per_s=0, round_timeout_s=300, method="full", dress_sparsities="")
     fleet = LocalFleet(cfg)
     try:
         fleet.start()
@@ -43,7 +43,8 @@ def test_round_reaches_every_agent(tmp_path: Path) -> None:
 
 def test_dpu_round_ships_a_sparse_diff_to_every_agent(tmp_path: Path) -> None:
     cfg = FleetConfig(agents=2, rounds=2, samples_per_agent=400, epochs=3, work_dir=tmp_path, rate_per_s=0,
-                      method="dpu", extra_params={"k": 0.01, "skip_if_worse": False}, round_timeout_s=300)
+                      method="dpu", extra_params={"k": 0.01, "skip_if_worse": False}, round_timeout_s=300,
+                      dress_sparsities="")
     fleet = LocalFleet(cfg)
     try:
         fleet.start()

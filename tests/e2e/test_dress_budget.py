@@ -1,0 +1,142 @@
+"""End to end: a DRESS fleet model trained in a real round, run by a real agent process whose
+subnet follows a budget PUT on its status endpoint, as the server's device API shows.
+
+Server (EDGELOOP_DRESS_SPARSITIES) and agent are separate processes on loopback; nothing is
+faked. The agent starts on the untrained version 0 (dense, active subnet -1), receives the
+DRESS-trained version 1, profiles its subnets, runs the densest (no budget), and switches to
+the sparse subnet a tight energy budget allows.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+SPARSITIES = "0.5,0.8,0.9,0.95"
+SAMPLES = 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _until(fn, timeout: float, what: str, procs=()):
+    """Poll ``fn`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, (
+                f"process {p.args[:4]} exited with {p.returncode} while waiting for {what}")
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _agent_http(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        data = None if body is None else json.dumps(body)
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def processes():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processes) -> None:
+    python = [sys.executable, "-m", "edgeloop"]
+    ready = tmp_path / "server.ready.json"
+    server_env = {**os.environ, "EDGELOOP_MODEL_KIND": "mlp", "EDGELOOP_INPUT_SHAPE": "1,8,8",
+                  "EDGELOOP_NUM_CLASSES": "10", "EDGELOOP_DRESS_SPARSITIES": SPARSITIES,
+                  "EDGELOOP_HEARTBEAT_INTERVAL_S": "1", "EDGELOOP_FSYNC": "false"}
+    server = subprocess.Popen(
+        [*python, "server", "run", "--data-dir", str(tmp_path / "server"), "--rest-port", "0",
+         "--grpc-port", "0", "--ready-file", str(ready)],
+        env=server_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
+    processes.append(server)
+    _until(ready.exists, 60, "the server to start", [server])
+    ports = json.loads(ready.read_text())
+
+    status_port = _free_port()
+    agent_env = {**os.environ, "EDGELOOP_AGENT_BATTERY": "false",
+                 "EDGELOOP_AGENT_LOAD_BUDGET": "false",
+                 "EDGELOOP_AGENT_GOVERNOR_INTERVAL_S": "0.2", "EDGELOOP_AGENT_PROFILE_REPS": "20"}
+    agent = subprocess.Popen(
+        [*python, "agent", "run", "--server", f"127.0.0.1:{ports['grpc_port']}",
+         "--data-dir", str(tmp_path / "agent"), "--name", "dress-0", "--dataset", "digits",
+         "--max-samples", str(SAMPLES), "--rate-per-s", "0", "--status-port", str(status_port)],
+        env=agent_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
+    processes.append(agent)
+    procs = [server, agent]
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30) as api:
+        _until(lambda: api.get("/samples/counts").json()["labelled"] >= SAMPLES, 60,
+               "the agent's labelled samples", procs)
+        device = api.get("/devices").json()["data"][0]
+        assert device["active_subnet"] == -1  # version 0 is not DRESS-trained: dense
+        device_id = device["id"]
+
+        r = api.post("/rounds", json={"method": "dpu", "cohort": {"all": True},
+                                      "params": {"epochs": 2, "batch_size": 64}})
+        assert r.status_code < 400, r.text
+        round_id = r.json()["id"]
+        report = _until(lambda: (lambda rep: rep if rep["status"] in ("done", "failed", "skipped")
+                                 else None)(api.get(f"/rounds/{round_id}").json()),
+                        90, "the DRESS round", procs)
+        assert report["status"] == "done", report.get("reason")
+        assert len(report["metrics"]["subnet_val_accuracy"]) == 4
+
+        def device_view() -> dict:
+            return api.get(f"/devices/{device_id}").json()
+
+        # Version 1 installed and profiled: no budget, so the densest subnet runs.
+        _until(lambda: (d := device_view())["model_hash"] == report["model_hash"]
+               and d["active_subnet"] == 0, 30, "the agent on subnet 0 of version 1", procs)
+
+        code, status = _agent_http(status_port, "GET", "/status")
+        assert code == 200 and status["model_hash"] == report["model_hash"]
+        energies = [p["energy_mj"] for p in status["profiles"]]
+        assert len(energies) == 4
+        assert all(a > b for a, b in zip(energies, energies[1:], strict=False))
+        limit = (energies[2] + energies[3]) / 2  # only the 95 %-sparse subnet fits
+
+        code, body = _agent_http(status_port, "PUT", "/budget", {"energy_mj": limit})
+        assert code == 200 and body["energy_mj"] == pytest.approx(limit)
+        t0 = time.monotonic()
+        view = _until(lambda: (d := device_view())["active_subnet"] == 3 and d, 10,
+                      "the server to see subnet 3", procs)
+        waited = time.monotonic() - t0
+        assert view["budget"]["energy_mj"] == pytest.approx(limit)
+        assert view["metrics"]["budget_fits"] == 1.0
+        assert view["metrics"]["energy_budget_mj"] == pytest.approx(limit)
+        assert view["metrics"]["active_energy_mj"] <= limit
+        print(f"server saw subnet 3 {waited:.2f} s after PUT /budget")
