@@ -105,6 +105,10 @@ def agent_run(
     upload_mode: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_UPLOAD_MODE")] = None,
     status_port: Annotated[int | None, typer.Option(help="EDGELOOP_AGENT_STATUS_PORT (-1 off)")] = None,
     enrollment_token: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_ENROLLMENT_TOKEN")] = None,
+    budget_latency_ms: Annotated[float | None, typer.Option(help="EDGELOOP_AGENT_BUDGET_LATENCY_MS")] = None,
+    budget_memory_mb: Annotated[float | None, typer.Option(help="EDGELOOP_AGENT_BUDGET_MEMORY_MB")] = None,
+    budget_energy_mj: Annotated[float | None, typer.Option(help="EDGELOOP_AGENT_BUDGET_ENERGY_MJ")] = None,
+    budget_file: Annotated[Path | None, typer.Option(help="EDGELOOP_AGENT_BUDGET_FILE (JSON, watched)")] = None,
     log_level: Annotated[str | None, typer.Option(help="EDGELOOP_AGENT_LOG_LEVEL")] = None,
 ) -> None:
     """Run the agent daemon until SIGINT/SIGTERM."""
@@ -118,7 +122,8 @@ def agent_run(
             server=server, data_dir=data_dir, name=name, tags=tags, source=source, dataset=dataset,
             watch_dir=watch_dir, shard_index=shard_index, num_shards=num_shards, max_samples=max_samples,
             rate_per_s=rate_per_s, upload_mode=upload_mode, status_port=status_port,
-            enrollment_token=enrollment_token, log_level=log_level))
+            enrollment_token=enrollment_token, log_level=log_level, budget_latency_ms=budget_latency_ms,
+            budget_memory_mb=budget_memory_mb, budget_energy_mj=budget_energy_mj, budget_file=budget_file))
     except ValidationError as exc:
         _fail(exc)
     setup_logging(settings.log_level, f"agent[{settings.name or settings.shard_index}] ")

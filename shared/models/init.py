@@ -12,6 +12,7 @@ layers), not any other init scheme.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -23,20 +24,27 @@ def _fan_in(shape: torch.Size) -> int:
     return int(shape[1] * math.prod(shape[2:])) if len(shape) >= 2 else int(shape[0])
 
 
+def _stream(seed: int, name: str) -> np.random.SeedSequence:
+    words = hashlib.sha256(name.encode("utf-8")).digest()
+    return np.random.SeedSequence(seed, spawn_key=tuple(int.from_bytes(words[i : i + 4], "little") for i in (0, 4, 8, 12)))
+
+
 @torch.no_grad()
 def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
     """Overwrite every parameter and buffer of ``model`` deterministically from ``seed``.
 
-    Tensors are visited in ``state_dict`` order, which is fixed by the architecture; each gets
-    its own child stream (``SeedSequence(seed).spawn``) so adding a layer does not shift the
-    values of the layers before it. Returns ``model`` (modified in place).
+    Each tensor draws from its own stream, keyed by the seed and the tensor's name
+    (``SeedSequence(seed, spawn_key=sha256(name))``), so the values depend neither on the order
+    in which a module happens to list its tensors (reparametrizing a weight, e.g. for pruning
+    masks, moves it after its bias) nor on which other layers exist. Returns ``model``
+    (modified in place).
     """
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
     state = model.state_dict()
-    streams = np.random.SeedSequence(seed).spawn(len(state))
     modules = dict(model.named_modules())
-    for (name, tensor), stream in zip(state.items(), streams, strict=True):
+    for name, tensor in state.items():
+        stream = _stream(seed, name)
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
         # DRESS per-subnet norms (shared/dress/model_state.py) start like the norm layers.
