@@ -95,8 +95,8 @@ class DPUPolicy(UpdatePolicy):
                                               seed=p.seed, progress=inputs.progress))
             nnz = sum(int(base[n].numel()) for n in partial_parameter_names(model))
             return self._encode(inputs, p, diff_base=base, intended=model.state_dict(), mask=None, reinit_seed=None,
-                                base_val=None, k_eff=1.0, num_partial=nnz, n_train=len(data.y_train),
-                                metrics=metrics, model=model, first=True, dress=dress)
+                                base_val=None, k_eff=1.0, num_partial=nnz, next_n=len(data.y_train),
+                                metrics=metrics, model=model, first=True, dress=dress, shadow=None)
         variant = "full" if first else p.variant
         n_at_last_init = None if first else inputs.base_metrics.get("n_at_last_init")
         names = partial_parameter_names(model)
@@ -110,15 +110,21 @@ class DPUPolicy(UpdatePolicy):
             cfg = DPUConfig(k=k, method=variant, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
                             optimizer=p.optimizer, weight_decay=p.weight_decay, seed=p.seed, init_seed=p.init_seed,
                             skip_if_worse=p.skip_if_worse)
+            # A re-initialised "shadow" chain (§5.5.3) trains beside the deployed one across rounds;
+            # it lives in the worker's memory (a server restart starts a new one).
             result = partial_update(model, base, data.x_train, data.y_train, data.x_val, data.y_val, cfg,
                                     loss_fn=loss_fn, progress=inputs.progress, metric_fn=metric_fn,
-                                    n_at_last_init=n_at_last_init, reinit=p.reinit)
+                                    n_at_last_init=n_at_last_init, reinit=p.reinit,
+                                    shadow=inputs.carry.get("shadow"))
+            next_n = result.next_n_at_last_init(n_at_last_init) if not first else result.n_train
             metrics.update(k=k, k_effective=result.k_effective, nnz=result.nnz, num_partial=result.num_partial,
                            base_val_accuracy=result.base_val_accuracy, val_accuracy=result.val_accuracy)
             if result.notes:
                 metrics["notes"] = result.notes
             if result.skipped:
-                return RoundOutcome(None, metrics, skip_reason=result.skip_reason)
+                carry = {**inputs.carry, "shadow": result.shadow}
+                metrics["n_at_last_init"] = next_n
+                return RoundOutcome(None, metrics, skip_reason=result.skip_reason, carry=carry)
             if dress is not None:
                 model.load_state_dict(result.state)
                 finish_partial_round(model, dress, allocation, data, batch_size=p.batch_size, seed=p.seed)
@@ -127,8 +133,9 @@ class DPUPolicy(UpdatePolicy):
                 intended = result.state
             outcome = self._encode(inputs, p, diff_base=result.diff_base, intended=intended, mask=result.mask,
                                    reinit_seed=result.reinit_seed, base_val=result.base_val_accuracy,
-                                   k_eff=result.k_effective, num_partial=result.num_partial, n_train=result.n_train,
-                                   metrics=metrics, model=model, first=first, dress=dress)
+                                   k_eff=result.k_effective, num_partial=result.num_partial, next_n=next_n,
+                                   metrics=metrics, model=model, first=first, dress=dress,
+                                   shadow=result.shadow)
             if outcome.state is None or p.byte_budget is None or metrics["diff_bytes"] <= p.byte_budget:
                 return outcome
             # The estimate was optimistic: shrink k in proportion and run the round again.
@@ -152,9 +159,9 @@ class DPUPolicy(UpdatePolicy):
         return max(k_for_byte_budget(budget, base, names, VALUE_BITS[value_format], size_fn), 1e-6)
 
     def _encode(self, inputs: RoundInputs, p: DPUParams, *, diff_base, intended, mask, reinit_seed, base_val,
-                k_eff: float, num_partial: int, n_train: int, metrics: dict, model, first: bool,
-                dress) -> RoundOutcome:
-        carry = dict(inputs.carry)
+                k_eff: float, num_partial: int, next_n: int | None, metrics: dict, model, first: bool,
+                dress, shadow) -> RoundOutcome:
+        carry = {**inputs.carry, "shadow": shadow}
         residual = carry.get("residual")
         reinit = reinit_seed is not None
         leftover: dict = {}
@@ -184,8 +191,7 @@ class DPUPolicy(UpdatePolicy):
         metrics["diff_bytes"] = len(diff)
         metrics["diff_sections"] = codec.size_breakdown(diff)
         metrics["paper_bytes"] = math.ceil(codec.ideal_paper_bits(k_eff, num_partial, VALUE_BITS[p.value_format]) / 8)
-        previous = inputs.base_metrics.get("n_at_last_init")
-        metrics["n_at_last_init"] = n_train if (reinit or first) else previous
+        metrics["n_at_last_init"] = next_n
         return RoundOutcome(target, metrics, reinit_seed=reinit_seed, diff=diff,
                             diff_encoding=codec.DIFF_ENCODING, diff_base_hash=base_hash,
                             diff_base_state=diff_base if reinit else None, carry=carry)

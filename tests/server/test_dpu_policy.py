@@ -97,16 +97,19 @@ def test_round_inputs_arrays_are_not_modified(setup) -> None:
     assert np.array_equal(before, data.x_train)
 
 
-def test_data_doubling_triggers_reinitialisation_automatically(setup) -> None:
-    data, _ = setup
-    p = DPUParams(epochs=3, batch_size=64, skip_if_worse=False, k=0.05, init_seed=3)
-    _, base = setup
+def test_data_doubling_starts_a_reinitialised_chain(setup) -> None:
+    data, base = setup
+    p = DPUParams(epochs=2, batch_size=128, skip_if_worse=False, k=0.05, init_seed=3)
     out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), data=data, params=p,
                                       progress=lambda *a: None,
                                       base_metrics={"method": "dpu", "n_at_last_init": len(data.y_train) // 3}))
     assert out.state is not None
-    if out.reinit_seed is None:  # the fallback retrained from the deployed weights instead
-        assert out.metrics.get("notes")
+    # §5.4.2: the data more than doubled, so a chain from the seeded weights starts now ...
+    assert out.metrics["n_at_last_init"] == len(data.y_train)
+    if out.reinit_seed is None:
+        # ... and trains beside the deployed chain until it wins (§5.5.3 shadow chain).
+        shadow = out.carry["shadow"]
+        assert shadow is not None and shadow.seed == 3
     else:
         assert out.reinit_seed == 3
-        assert out.metrics["n_at_last_init"] == len(data.y_train)
+        assert out.diff_base_hash == model_hash(init_weights_from_seed(build_model(ARCH), 3).state_dict())
