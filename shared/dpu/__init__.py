@@ -13,7 +13,13 @@ from shared.dpu.budget import (
     num_partial_weights,
     paper_update_bits,
 )
-from shared.dpu.config import METHODS, DPUConfig, DPUConfigError, TrainingDivergedError
+from shared.dpu.config import (
+    METHODS,
+    REINIT_MODES,
+    DPUConfig,
+    DPUConfigError,
+    TrainingDivergedError,
+)
 from shared.dpu.feedback import add_residual
 from shared.dpu.loop import cross_entropy_loss, lr_at, top1_accuracy, train_phase
 from shared.dpu.masked import MaskedOptimizer
@@ -28,14 +34,16 @@ from shared.dpu.selection import (
     partial_parameter_names,
     random_scores,
 )
-from shared.dpu.update import PartialUpdateResult, partial_update
+from shared.dpu.update import PartialUpdateResult, ShadowChain, partial_update
 
 __all__ = [
     "METHODS",
+    "REINIT_MODES",
     "DPUConfig",
     "DPUConfigError",
     "MaskedOptimizer",
     "PartialUpdateResult",
+    "ShadowChain",
     "TrainingDivergedError",
     "accumulate_local_contribution",
     "add_residual",

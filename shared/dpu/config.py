@@ -8,6 +8,8 @@ from dataclasses import dataclass
 # rpu: random mask; magnitude: prune the weights themselves [RFC20]; full: no mask at all.
 METHODS = ("dpu", "gcpu", "rpu", "magnitude", "full")
 OPTIMIZERS = ("adam", "sgd")
+# How an automatically triggered re-initialisation (§5.4.2) proceeds; see partial_update.
+REINIT_MODES = ("shadow", "fallback")
 
 
 class DPUConfigError(ValueError):
@@ -44,7 +46,7 @@ class DPUConfig:
     init_seed: int = 0  # seed of w^0; re-initialisation regenerates it (§5.5.2 (ii))
     eval_every: int | None = None  # steps between validation checks; default once per epoch
     skip_if_worse: bool = True  # ship nothing unless validation accuracy beats the deployed model
-    reinit_fallback: bool = True  # see partial_update: retry from the deployed weights
+    reinit_mode: str = "shadow"  # one of REINIT_MODES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(float(m) for m in self.lr_milestones))
@@ -53,6 +55,8 @@ class DPUConfig:
             problems.append(f"k={self.k} must lie in [0, 1]")
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} must be one of {METHODS}")
+        if self.reinit_mode not in REINIT_MODES:
+            problems.append(f"reinit_mode={self.reinit_mode!r} must be one of {REINIT_MODES}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
         if self.epochs < 1:

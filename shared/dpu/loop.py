@@ -112,7 +112,11 @@ def train_phase(
     )
     if masks is not None:
         optimizer = MaskedOptimizer(optimizer, [(partial[n], masks[n]) for n in masks])
-    c_local = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in partial.items()}
+    c_local = (
+        {n: torch.zeros_like(p, dtype=torch.float32) for n, p in partial.items()}
+        if track_local
+        else {}
+    )
     eval_every = config.eval_every or steps_per_epoch(len(x), config.batch_size)
     best_metric, best_state, last_loss = -math.inf, None, float("nan")
     batches = minibatches(len(x), config.batch_size, batch_seed)

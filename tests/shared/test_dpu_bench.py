@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "dpu_multiround.py"
 def _bench_module():
     spec = importlib.util.spec_from_file_location("dpu_multiround", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -18,6 +18,8 @@ from shared.dpu import (
     partial_update,
     seeded_state,
 )
+from shared.dpu.steps import Candidate
+from shared.dpu.update import ShadowChain, _advance_shadow
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 from shared.tensors import clone_state, model_hash, to_model_input
 
@@ -164,37 +166,102 @@ def test_skip_if_worse_ships_nothing_and_says_why(digits, deployed):
     assert r.reinit_seed is None
 
 
-def test_reinitialisation_is_reproducible_and_recorded(digits, deployed):
+def test_forced_reinitialisation_is_reproducible_and_recorded(digits, deployed):
     model = _mlp()
     assert model_hash(seeded_state(model, 7)) == model_hash(seeded_state(_mlp(5), 7))
     assert model_hash(seeded_state(model, 7)) != model_hash(seeded_state(model, 8))
-    results = []
-    for _ in range(2):
-        r = partial_update(
-            _mlp(), deployed, digits.x_train[:900], digits.y_train[:900], digits.x_test,
-            digits.y_test, _cfg(k=0.2, lr=1e-2), n_at_last_init=200, reinit_seed=7,
+    runs = [
+        partial_update(
+            _mlp(),
+            deployed,
+            digits.x_train[:900],
+            digits.y_train[:900],
+            digits.x_test,
+            digits.y_test,
+            _cfg(k=0.2, lr=1e-2),
+            reinit=True,
+            reinit_seed=7,
         )  # fmt: skip
-        results.append(r)
-    r = results[0]
-    assert model_hash(r.state) == model_hash(results[1].state)  # same data, seed -> same bits
+        for _ in range(2)
+    ]
+    r = runs[0]
+    assert model_hash(r.state) == model_hash(runs[1].state)  # same data and seed -> same bits
     # 4.5x the data of the deployed model: the re-initialised candidate wins and is shipped.
-    assert r.reinit_attempted and not r.skipped and r.reinit_seed == 7
+    assert not r.skipped and r.reinit_seed == 7 and r.reinit_started
     assert model_hash(r.diff_base) == model_hash(seeded_state(model, 7))
-    assert r.next_n_at_last_init(200) == 900
+    assert r.nnz == num_selected(0.2, r.num_partial)
     for name in r.partial_names:
         keep = r.mask[name]
         assert torch.equal(_bits(r.state[name][~keep]), _bits(r.diff_base[name][~keep]))
 
 
+def test_shadow_chain_starts_when_data_doubles_and_trains_next_to_the_deployed_chain(
+    digits, deployed
+):
+    # k=0 and one epoch from random weights trains only biases: it cannot beat the deployed
+    # model, so the shadow chain is kept (not shipped) and the deployed chain ships.
+    r1 = partial_update(
+        _mlp(), deployed, digits.x_train[:500], digits.y_train[:500], digits.x_test,
+        digits.y_test, _cfg(k=0.0, epochs=1), n_at_last_init=200, reinit_seed=3,
+    )  # fmt: skip
+    assert r1.reinit_started and r1.next_n_at_last_init(200) == 500
+    assert r1.reinit_seed is None and r1.shadow is not None
+    assert r1.shadow.seed == 3 and r1.shadow.rounds == 1
+    assert r1.skipped or model_hash(r1.diff_base) == model_hash(deployed)
+    shadow_before = model_hash(r1.shadow.state)
+    assert shadow_before != model_hash(seeded_state(_mlp(), 3))  # its biases trained
+    r2 = partial_update(
+        _mlp(), r1.state, digits.x_train[:700], digits.y_train[:700], digits.x_test,
+        digits.y_test, _cfg(k=0.05, epochs=2), n_at_last_init=500, shadow=r1.shadow,
+    )  # fmt: skip
+    assert not r2.reinit_started and r2.next_n_at_last_init(500) == 500
+    assert r2.steps == 2 * 2 * 2 * 22  # two candidates, two steps, 2 epochs of 22 batches
+    if r2.reinit_seed is None:  # the deployed chain won this round
+        assert r2.shadow.rounds == 2 and model_hash(r2.shadow.state) != shadow_before
+    else:
+        assert r2.shadow is None and r2.reinit_seed == 3
+    # The rule firing again replaces the running shadow chain.
+    r3 = partial_update(
+        _mlp(), r1.state, digits.x_train[:1100], digits.y_train[:1100], digits.x_test,
+        digits.y_test, _cfg(k=0.0, epochs=1), n_at_last_init=500, shadow=r1.shadow,
+    )  # fmt: skip
+    assert r3.reinit_started and "replaced the shadow chain of 1 rounds" in r3.notes[0]
+
+
+def test_shadow_promotion_ships_every_weight_the_chain_moved():
+    model = _mlp()
+    seeded = seeded_state(model, 7)
+    trained = clone_state(seeded)
+    trained["net.1.weight"][0, :3] += 1.0  # moved over the shadow's rounds
+    trained["net.3.weight"][2, 5] -= 1.0
+    trained["net.1.bias"] += 0.5
+    shadow = ShadowChain(7, seeded, rounds=2)
+    names = ("net.1.weight", "net.3.weight")
+    warm = Candidate(clone_state(seeded), {}, {}, 0.80)
+    beats = lambda c: c.val > 0.75  # noqa: E731
+    chosen, left, seed = _advance_shadow(
+        model, shadow, Candidate(trained, {}, {}, 0.90), warm, beats, 0.75, names, []
+    )
+    assert left is None and seed == 7
+    assert model_hash(chosen.diff_base) == model_hash(seeded)
+    assert (
+        int(chosen.mask["net.1.weight"].sum()) == 3 and int(chosen.mask["net.3.weight"].sum()) == 1
+    )
+    # Not better than the deployed chain's own candidate: keep training the shadow chain.
+    chosen, left, seed = _advance_shadow(
+        model, shadow, Candidate(trained, {}, {}, 0.78), warm, beats, 0.75, names, []
+    )
+    assert chosen is warm and seed is None and left.rounds == 3 and left.state is trained
+
+
 def test_losing_reinitialisation_falls_back_to_the_deployed_weights(digits, deployed):
-    # k=0 from random weights trains only the biases: far worse than the deployed model.
     r = partial_update(
         _mlp(), deployed, digits.x_train[:500], digits.y_train[:500], digits.x_test,
-        digits.y_test, _cfg(k=0.0, epochs=1), n_at_last_init=200,
+        digits.y_test, _cfg(k=0.0, epochs=1, reinit_mode="fallback"), n_at_last_init=200,
     )  # fmt: skip
-    assert r.reinit_attempted and r.reinit_seed is None
+    assert r.reinit_started and r.reinit_seed is None and r.shadow is None
     assert "retrained from the deployed weights" in r.notes[0]
-    assert r.next_n_at_last_init(200) == 200  # retried next round
+    assert r.next_n_at_last_init(200) == 500  # next attempt once the data doubles again
     assert r.skipped or model_hash(r.diff_base) == model_hash(deployed)
 
 
@@ -203,7 +270,7 @@ def test_no_reinit_below_twice_the_data(digits, deployed):
         _mlp(), deployed, digits.x_train[:400], digits.y_train[:400], digits.x_test,
         digits.y_test, _cfg(epochs=2), n_at_last_init=200,
     )  # fmt: skip
-    assert not r.reinit_attempted and r.reinit_seed is None
+    assert not r.reinit_started and r.reinit_seed is None and r.shadow is None
 
 
 def test_pluggable_loss_progress_and_param_filter(digits, deployed):
