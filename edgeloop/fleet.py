@@ -256,7 +256,7 @@ def render_devices(devices: list[dict[str, Any]], console: Console) -> None:
 
 
 def run_fleet(cfg: FleetConfig) -> FleetResult:
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     fleet = LocalFleet(cfg)
     rows: list[RoundRow] = []
     ok = False
