@@ -21,6 +21,7 @@ import numbers
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -158,7 +159,7 @@ class HttpBudgetSource:
         return budget.to_dict()
 
 
-class _Refreshing:
+class _Refreshing(ABC):
     """Recomputes a value at most every ``refresh_s`` seconds of ``clock``; cheap in between."""
 
     def __init__(self, refresh_s: float, clock: Callable[[], float]) -> None:
@@ -176,8 +177,9 @@ class _Refreshing:
                 self._refresh()
                 self._next = now + self._refresh_s
 
+    @abstractmethod
     def _refresh(self) -> None:
-        raise NotImplementedError
+        """Re-read the source; called at most once per ``refresh_s``."""
 
 
 class FileBudgetSource(_Refreshing):
