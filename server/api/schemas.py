@@ -57,7 +57,7 @@ class DeviceStatusPublic(BodyOut):
 
     id: str = Field(description="Device id (32 hex characters), assigned at registration.")
     online: bool = Field(description="Not revoked and heard from within 3 heartbeat intervals.")
-    revoked: bool = Field(description="Revoked devices are refused by the agent API until they re-register.")
+    revoked: bool = Field(description="Revoked devices are refused by the agent API, re-registration included, until an operator restores them.")
     last_seen_at: UtcDatetime | None = Field(description="Time of the last registration or heartbeat (UTC).")
     state: str = Field(description="Agent state from the last heartbeat (e.g. 'idle', 'downloading').")
     model_hash: str = Field(description="Model hash the device reports running ('' if none).")

@@ -79,6 +79,9 @@ def register_device(
     tags = validate_tags(list(tags or []))
     credential = secrets.token_urlsafe(32)
     device = session.scalars(select(Device).where(Device.hardware_id == hardware_id)).first()
+    if device is not None and device.revoked:
+        # Revocation sticks: a stolen enrollment token must not bring a revoked device back.
+        raise UnauthenticatedError(f"device {device.id} is revoked; an operator must restore it first")
     if device is None:
         device = Device(id=uuid.uuid4().hex, hardware_id=hardware_id, target_model_hash=default_model_hash(session))
         session.add(device)
@@ -86,8 +89,7 @@ def register_device(
     device.tags = sorted(set(device.tags or []) | set(tags))
     device.hardware = hardware
     device.agent_version = _clip(agent_version, 64, "agent_version")
-    device.credential_hash = credential_hash(credential)  # revokes any previous credential
-    device.revoked = False
+    device.credential_hash = credential_hash(credential)  # invalidates any previous credential
     device.last_seen_at = utcnow()
     session.flush()
     return Registration(device, credential)
@@ -128,6 +130,16 @@ def record_heartbeat(
     device.last_error = _clip(last_error, 4096, "last_error")
     device.samples_pending = max(0, int(samples_pending))
     device.last_seen_at = utcnow()
+    return device
+
+
+def set_revoked(session: Session, device_id: str, revoked: bool) -> Device:
+    """Revoke a device (its credential and re-registration are refused) or restore it (it may
+    register again and receives a fresh credential then)."""
+    device = get_device(session, device_id)
+    device.revoked = revoked
+    if revoked:
+        device.credential_hash = credential_hash(secrets.token_urlsafe(32))  # the old secret is dead
     return device
 
 

@@ -101,7 +101,16 @@ def test_authenticate_refuses_missing_unknown_and_revoked(server_ctx):
         s.get(Device, device_id).revoked = True
     with pytest.raises(UnauthenticatedError, match="revoked"):
         auth(server_ctx, cred)
-    # Revoked devices are refused until they register again (server/api/schemas.py).
+    with transaction(server_ctx.factory) as s:
+        D.set_revoked(s, device_id, True)  # what the REST revoke does: also kills the secret
+    # Revoked devices cannot register their way back in ...
+    with pytest.raises(UnauthenticatedError, match="restore"):
+        register(server_ctx)
+    # ... until an operator restores them; the old credential stays dead.
+    with transaction(server_ctx.factory) as s:
+        D.set_revoked(s, device_id, False)
+    with pytest.raises(UnauthenticatedError, match="unknown"):
+        auth(server_ctx, cred)
     again_id, fresh = register(server_ctx)
     assert again_id == device_id and auth(server_ctx, fresh) == device_id
 

@@ -225,9 +225,23 @@ def test_device_list_detail_status_patch_and_revoke(server_ctx, client):
         D.authenticate(s, regs[0].credential)
     with server_ctx.factory() as s:  # the other devices are untouched
         assert D.authenticate(s, regs[1].credential).id == ids[1]
+    # Revocation sticks: the enrollment token does not bring the device back ...
+    with server_ctx.factory() as s, s.begin(), pytest.raises(UnauthenticatedError, match="revoked"):
+        D.register_device(s, expected_token=server_ctx.settings.enrollment_token,
+                          enrollment_token=server_ctx.settings.enrollment_token, hardware_id=regs[0].device.hardware_id)
+    # ... until an operator restores it; then it registers with a fresh credential.
+    restored = client.post(f"/api/v1/devices/{dev}/restore")
+    assert restored.status_code == 200 and restored.json()["revoked"] is False
+    with server_ctx.factory() as s, s.begin():
+        again = D.register_device(s, expected_token=server_ctx.settings.enrollment_token,
+                                  enrollment_token=server_ctx.settings.enrollment_token,
+                                  hardware_id=regs[0].device.hardware_id)
+        assert again.device.id == dev and again.credential != regs[0].credential
+    with server_ctx.factory() as s, pytest.raises(UnauthenticatedError):
+        D.authenticate(s, regs[0].credential)
 
     for method, path in (("GET", "/api/v1/devices/nope"), ("GET", "/api/v1/devices/nope/status"),
-                         ("PATCH", "/api/v1/devices/nope"), ("POST", "/api/v1/devices/nope/revoke")):
+                         ("PATCH", "/api/v1/devices/nope"), ("POST", "/api/v1/devices/nope/revoke"), ("POST", "/api/v1/devices/nope/restore")):
         resp = client.request(method, path, json={})
         assert resp.status_code == 404 and resp.json() == {"detail": "device 'nope' not found"}
 

@@ -1,4 +1,4 @@
-"""Devices: list, inspect, rename/retag, revoke."""
+"""Devices: list, inspect, rename/retag, revoke, restore."""
 
 from __future__ import annotations
 
@@ -88,9 +88,17 @@ def update_device(device_id: DeviceId, body: DeviceUpdate, session: SessionDep, 
 
 @router.post("/{device_id}/revoke", response_model=DevicePublic, responses=responses(404))
 def revoke_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DevicePublic:
-    """Refuse the device's credential from now on (idempotent). Re-registering with the
-    enrollment token issues a new credential and lifts the revocation."""
-    device = D.get_device(session, device_id)
-    device.revoked = True
+    """Refuse the device's credential from now on, and refuse its re-registration until it is
+    restored (idempotent)."""
+    device = D.set_revoked(session, device_id, True)
+    session.commit()
+    return device_public(device, ctx.settings)
+
+
+@router.post("/{device_id}/restore", response_model=DevicePublic, responses=responses(404))
+def restore_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DevicePublic:
+    """Lift a revocation: the device may register again (with the enrollment token) and gets
+    a fresh credential; its old credential stays invalid (idempotent)."""
+    device = D.set_revoked(session, device_id, False)
     session.commit()
     return device_public(device, ctx.settings)
