@@ -16,12 +16,12 @@ from server.domain import rounds as R
 from server.domain.devices import resolve_cohort
 from server.domain.samples import SampleCache, load_labelled
 from server.domain.versions import add_artefact, latest_version, load_state, publish_version
-from shared.artefacts import SEED_MODEL_ENCODING, encode_seed_model
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
 from server.training.policy import RoundInputs, RoundOutcome
 from server.training.registry import get_policy
+from shared.artefacts import SEED_MODEL_ENCODING, encode_seed_model
 
 log = logging.getLogger(__name__)
 _PROGRESS_DB_INTERVAL_S = 1.0
