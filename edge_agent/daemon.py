@@ -162,7 +162,8 @@ class Agent:
         self.budget_sources, self.battery = budget_sources(settings, self.http_budget)
         self.governor: BudgetGovernor | None = None
         self.governed_hash = ""  # the model whose profiles the governor holds
-        self.profiled_hash: str | None = None  # the model last profiled (or found plain)
+        self.profiled_hash: tuple[str, bool] | None = None  # (model, with accuracies) last profiled
+        self.subnet_accuracy: dict[str, list[float]] = {}  # server-reported, per model hash
         self.profile_seconds = 0.0
         self._govern_lock = threading.Lock()  # decide + apply: one decision lands at a time
 
@@ -271,13 +272,18 @@ class Agent:
         thread; inference keeps running on its own runner meanwhile), then hand the profiles
         to the governor and apply its fresh decision."""
         model_hash = self.runner.model_hash
-        if model_hash == self.profiled_hash:
+        accuracies = self.subnet_accuracy.get(model_hash)
+        if accuracies is not None and len(accuracies) != self.runner.num_subnets:
+            accuracies = None
+        key = (model_hash, accuracies is not None)  # profile again once accuracies arrive
+        if key == self.profiled_hash:
             return
-        self.profiled_hash = model_hash  # also on failure: no retry loop on a broken model
+        self.profiled_hash = key  # also on failure: no retry loop on a broken model
         if not self.runner.is_dress:
             return
         t0 = time.perf_counter()
-        profiles = profile_subnets(self.runner, self.settings.profile_reps, power_w=self._power_w())
+        profiles = profile_subnets(self.runner, self.settings.profile_reps, power_w=self._power_w(),
+                                   accuracies=accuracies)
         self.profile_seconds = time.perf_counter() - t0
         with self._govern_lock:
             if self.governor is None:
@@ -396,6 +402,8 @@ class Agent:
         ))
         self.connected = True
         self.target_hash = resp.target_model_hash
+        if resp.target_subnet_accuracy:
+            self.subnet_accuracy[resp.target_model_hash] = [float(a) for a in resp.target_subnet_accuracy]
         if not self.settings.heartbeat_interval_s and resp.heartbeat_interval_s > 0:
             self.heartbeat_interval = resp.heartbeat_interval_s
 

@@ -94,9 +94,12 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                 metrics=dict(request.metrics), state=request.state, last_error=request.last_error,
                 samples_pending=request.samples_pending,
             )
+            target = s.get(ModelVersion, device.target_model_hash) if device.target_model_hash else None
+            accs = (target.metrics or {}).get("subnet_val_accuracy") if target is not None else None
             return pb.HeartbeatResponse(
                 target_model_hash=device.target_model_hash, heartbeat_interval_s=self.settings.heartbeat_interval_s,
                 server_time_unix_ms=int(time.time() * 1000),
+                target_subnet_accuracy=[float(a) for a in accs or []],
             )
 
     def UploadSamples(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadSamplesResponse:

@@ -118,9 +118,12 @@ def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processe
         def device_view() -> dict:
             return api.get(f"/devices/{device_id}").json()
 
-        # Version 1 installed and profiled: no budget, so the densest subnet runs.
+        # Version 1 installed and profiled with the accuracies the server reported: no budget,
+        # so the most accurate subnet runs (the densest among equals).
+        accs = report["metrics"]["subnet_val_accuracy"]
+        best = max(range(len(accs)), key=lambda k: (accs[k], -k))
         _until(lambda: (d := device_view())["model_hash"] == report["model_hash"]
-               and d["active_subnet"] == 0, 30, "the agent on subnet 0 of version 1", procs)
+               and d["active_subnet"] == best, 30, f"the agent on subnet {best} of version 1", procs)
 
         code, status = _agent_http(status_port, "GET", "/status")
         assert code == 200 and status["model_hash"] == report["model_hash"]

@@ -77,14 +77,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, model_hash: _Optional[str] = ..., active_subnet: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., samples_pending: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("target_model_hash", "heartbeat_interval_s", "server_time_unix_ms")
+    __slots__ = ("target_model_hash", "heartbeat_interval_s", "server_time_unix_ms", "target_subnet_accuracy")
     TARGET_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SUBNET_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     target_model_hash: str
     heartbeat_interval_s: float
     server_time_unix_ms: int
-    def __init__(self, target_model_hash: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., server_time_unix_ms: _Optional[int] = ...) -> None: ...
+    target_subnet_accuracy: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, target_model_hash: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., server_time_unix_ms: _Optional[int] = ..., target_subnet_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Sample(_message.Message):
     __slots__ = ("sample_id", "payload", "label", "metadata", "captured_at_unix_ms")
