@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
@@ -19,6 +20,7 @@ from server.domain.versions import add_artefact, latest_version, load_state, pub
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
+from server.training.carry_store import decode_carry, encode_carry
 from server.training.policy import RoundInputs, RoundOutcome
 from server.training.registry import get_policy
 from shared.artefacts import SEED_MODEL_ENCODING, encode_seed_model
@@ -50,7 +52,35 @@ class RoundWorker:
         self.carry: dict[str, Any] = {}
 
     def start(self) -> None:
+        self._load_carry()
         self._thread.start()
+
+    def _save_carry(self, method: str) -> str | None:
+        carry = self.carry.get(method) or {}
+        if not any(v is not None and v != {} for v in carry.values()):
+            return None
+        try:
+            return self.blobs.put(encode_carry(carry))
+        except Exception:  # noqa: BLE001 - losing the carry costs accuracy, never the round
+            log.exception("could not persist the %s policy state", method)
+            return None
+
+    def _load_carry(self) -> None:
+        """Reload each method's newest carried state (shadow chain, residual) after a restart."""
+        with transaction(self.factory) as s:
+            rounds = s.scalars(select(Round).where(Round.status.in_([R.DONE, R.SKIPPED]))
+                               .order_by(Round.finished_at.desc())).all()
+            latest = {}
+            for rnd in rounds:
+                sha = (rnd.metrics or {}).get("carry_sha256")
+                if sha and rnd.method not in latest:
+                    latest[rnd.method] = sha
+        for method, sha in latest.items():
+            try:
+                self.carry[method] = decode_carry(self.blobs.get(sha))
+                log.info("restored %s policy state from %s", method, sha[:12])
+            except Exception:  # noqa: BLE001
+                log.exception("could not restore the %s policy state %s; starting without it", method, sha[:12])
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
@@ -125,10 +155,13 @@ class RoundWorker:
                 base_metrics=base_metrics, progress=self._progress_fn(round_id, bar), carry=self.carry.setdefault(rnd.method, {}),
             ))
         self.carry[rnd.method] = outcome.carry or self.carry.get(rnd.method, {})
+        carry_sha = self._save_carry(rnd.method)
         train_s = time.monotonic() - t0
         with transaction(self.factory) as s:
             rnd = R.get_round(s, round_id)
             metrics = {**outcome.metrics, "train_seconds": round(train_s, 3)}
+            if carry_sha:
+                metrics["carry_sha256"] = carry_sha
             if outcome.state is None:
                 rnd.metrics = metrics
                 R.transition(s, rnd, R.SKIPPED, reason=outcome.skip_reason or "the policy shipped nothing")

@@ -111,7 +111,7 @@ class DPUPolicy(UpdatePolicy):
                             optimizer=p.optimizer, weight_decay=p.weight_decay, seed=p.seed, init_seed=p.init_seed,
                             skip_if_worse=p.skip_if_worse)
             # A re-initialised "shadow" chain (§5.5.3) trains beside the deployed one across rounds;
-            # it lives in the worker's memory (a server restart starts a new one).
+            # the worker persists it with the round (server/training/carry_store.py).
             result = partial_update(model, base, data.x_train, data.y_train, data.x_val, data.y_val, cfg,
                                     loss_fn=loss_fn, progress=inputs.progress, metric_fn=metric_fn,
                                     n_at_last_init=n_at_last_init, reinit=p.reinit,
