@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 
@@ -535,6 +534,3 @@ def run_agent(settings: AgentSettings) -> None:
     stop.wait()
     agent.stop()
 
-
-def data_dir_default() -> Path:
-    return Path(".edgeloop/agent")

@@ -25,7 +25,6 @@ from server.training.dress_support import (
     dress_of,
     finish_partial_round,
     mean_subnet_metric,
-    stored_allocation,
     subnet_accuracies,
     train_from_scratch,
 )
@@ -40,7 +39,7 @@ from shared.dpu import (
     partial_parameter_names,
     partial_update,
 )
-from shared.dress.model_state import norm_states_from_state
+from shared.dress.model_state import allocation_from_state, norm_states_from_state
 from shared.models import build_model
 from shared.tensors import model_hash
 from shared.training import accuracy
@@ -84,7 +83,7 @@ class DPUPolicy(UpdatePolicy):
         model = build_model(inputs.arch)
         model.load_state_dict(base)
         dress = dress_of(inputs.arch)
-        allocation = stored_allocation(model, base, dress) if dress else None
+        allocation = allocation_from_state(model, base, dress) if dress else None
         first = p.full_first_round and inputs.base_metrics.get("method") == "init"
         metrics: dict = {"labelled_samples": data.total, "train_samples": len(data.y_train),
                          "val_samples": len(data.y_val), "value_format": p.value_format}
@@ -171,7 +170,7 @@ class DPUPolicy(UpdatePolicy):
         target = update.target
         model.load_state_dict(target)
         if dress is not None:
-            allocation = stored_allocation(model, target, dress)
+            allocation = allocation_from_state(model, target, dress)
             accs = subnet_accuracies(model, allocation, inputs.data, norm_states_from_state(model, target, dress))
             metrics["subnet_val_accuracy"] = accs
             metrics["val_accuracy"] = sum(accs) / len(accs)

@@ -18,7 +18,7 @@ from server.domain.samples import LabelledData
 from shared.dress import DressConfig, DressLoss, evaluate_subnets, finetune_norms, train_dress
 from shared.dress.loops import TensorData
 from shared.dress.masks import norm_layers
-from shared.dress.model_state import DressSpec, allocation_from_state, dress_spec, store_dress_state
+from shared.dress.model_state import DressSpec, dress_spec, store_dress_state
 from shared.dress.sampling import Allocation
 
 CALIBRATION = 1024  # training samples used to re-estimate per-subnet norm statistics
@@ -88,7 +88,3 @@ def finish_partial_round(model: nn.Module, spec: DressSpec, allocation: Allocati
     else:
         norm_states = None
     store_dress_state(model, allocation, norm_states)
-
-
-def stored_allocation(model: nn.Module, state: dict[str, torch.Tensor], spec: DressSpec) -> Allocation | None:
-    return allocation_from_state(model, state, spec)
