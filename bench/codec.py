@@ -1,8 +1,9 @@
 """Benchmark of the sparse weight-diff codec (shared.codec, docs/diff-format.md).
 
 Measures, for DPU-style diffs (thesis Alg. 5.1: keep the k*I largest |w_f - w|, rewind the
-rest) of a real MLP 784-512-512-10 trained on Fashion-MNIST, and for uniformly random masks
-on single 784x512 / 512x512 tensors:
+rest) of a real MLP (784-512-512-10 on the default Fashion-MNIST; --dataset takes any dataset
+the agent takes: a name, an .npz or a folder of class sub-folders), and for uniformly random
+masks on single 784x512 / 512x512 tensors:
 
 * index bits vs the Shannon bound H(k)*I, and the alternatives we did not pick
   (Rice, Elias-Fano, raw bitmap, bitmap+zstd);
@@ -12,8 +13,8 @@ on single 784x512 / 512x512 tensors:
 * encode / decode throughput (MB of dense fp32 model per second) and decode latency of a
   0.5M-weight layer at k = 0.01.
 
-Run:  .venv/bin/python bench/codec.py [--quick] [--nncodec-path DIR]
-Writes bench/results/codec.json and bench/results/codec.png.
+Run:  .venv/bin/python bench/codec.py [--quick] [--dataset NAME|FILE.npz|DIR] [--nncodec-path DIR]
+Writes bench/results/codec.json and bench/results/codec.png (--out moves both).
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ import numpy as np
 import torch
 import zstandard
 
-from shared.codec import (
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_data import add_dataset_argument, load_bench_dataset, require_split  # noqa: E402
+from shared.codec import (  # noqa: E402
     VALUE_FORMATS,
     binary_entropy,
     decode_diff,
@@ -44,29 +49,54 @@ from shared.codec import (
     read_header,
     size_breakdown,
 )
-from shared.codec.golomb import best_parameter, golomb_cost
-from shared.tensors import model_hash
+from shared.codec.golomb import best_parameter, golomb_cost  # noqa: E402
+from shared.data import Dataset  # noqa: E402
+from shared.models import ArchSpec, default_spec  # noqa: E402
+from shared.tensors import model_hash  # noqa: E402
 
 KS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.2)
 TARGET_INDEX, TARGET_FP32, TARGET_INT8 = 1.05, 1.1, 0.5
 RESULTS = Path(__file__).resolve().parent / "results"
 ZSTD = zstandard.ZstdCompressor(level=19)
+TRAIN_SAMPLES = {"quick": 20_000, "full": 60_000}  # at most; half trains the base model
 
 
 # ----------------------------------------------------------------------------- diffs
 
 
-def train_pair(quick: bool, seed: int = 0) -> tuple[dict, dict, object]:
-    """(base, retrained, dataset): an MLP trained on half of Fashion-MNIST, then retrained
-    on all of it, as a server would before a DPU round."""
-    from shared.data import load_dataset
-    from shared.models import build_model, default_spec, init_weights_from_seed
+def mlp_spec(ds: Dataset) -> ArchSpec:
+    return default_spec("mlp", ds.input_shape, ds.num_classes)
+
+
+def mlp_name(ds: Dataset) -> str:
+    """e.g. "MLP 784-512-512-10" for the default Fashion-MNIST spec."""
+    spec = mlp_spec(ds)
+    return "MLP " + "-".join(map(str, (math.prod(spec.input_shape), *spec.hidden, spec.num_classes)))
+
+
+def training_samples(ds: Dataset, requested: int | None, quick: bool) -> int:
+    """How many training samples the MLP pair uses: --train-samples exactly (exit 2 when the
+    train split is smaller), else the mode's default capped at the split's size."""
+    n_train = len(ds.y_train)
+    fix = "lower --train-samples or use a dataset with more training samples"
+    if requested is not None:
+        require_split(ds, "train", n_train, requested, f"--train-samples {requested}", fix)
+    # Both the base (first half) and the retrained model (all) need samples to train on.
+    require_split(ds, "train", n_train, 2, "training the base and the retrained MLP", fix)
+    require_split(ds, "test", len(ds.y_test), 1, "scoring the MLP")
+    n = requested if requested is not None else TRAIN_SAMPLES["quick" if quick else "full"]
+    return min(n, n_train)
+
+
+def train_pair(ds: Dataset, n: int, quick: bool, seed: int = 0) -> tuple[dict, dict]:
+    """(base, retrained): an MLP trained on the first half of ``n`` training samples, then
+    retrained on all ``n``, as a server would before a DPU round."""
+    from shared.models import build_model, init_weights_from_seed
     from shared.tensors import clone_state
     from shared.training import TrainConfig, train_supervised
 
-    ds = load_dataset("fashion-mnist")
-    half = 10_000 if quick else 30_000
-    model = init_weights_from_seed(build_model(default_spec("mlp", (1, 28, 28), 10)), seed)
+    half = n // 2
+    model = init_weights_from_seed(build_model(mlp_spec(ds)), seed)
     train_supervised(
         model,
         ds.x_train[:half],
@@ -74,11 +104,10 @@ def train_pair(quick: bool, seed: int = 0) -> tuple[dict, dict, object]:
         TrainConfig(epochs=1 if quick else 3, batch_size=128, seed=seed),
     )
     base = clone_state(model.state_dict())
-    n = 2 * half
     train_supervised(
         model, ds.x_train[:n], ds.y_train[:n], TrainConfig(epochs=1, batch_size=128, seed=seed + 1)
     )
-    return base, clone_state(model.state_dict()), ds
+    return base, clone_state(model.state_dict())
 
 
 def dpu_target(base: dict, retrained: dict, k: float) -> dict:
@@ -330,11 +359,11 @@ def nncodec_runs(
 # ----------------------------------------------------------------------------- report
 
 
-def accuracy_of(state: dict, ds) -> float:
-    from shared.models import build_model, default_spec
+def accuracy_of(state: dict, ds: Dataset) -> float:
+    from shared.models import build_model
     from shared.training import accuracy
 
-    model = build_model(default_spec("mlp", (1, 28, 28), 10))
+    model = build_model(mlp_spec(ds))
     model.load_state_dict(state)
     return accuracy(model, ds.x_test, ds.y_test)
 
@@ -372,7 +401,7 @@ def plot(results: dict, path: Path) -> None:
         yscale="log",
         xlabel="k (fraction of weights updated)",
         ylabel="bits per weight",
-        title="MLP 784-512-512-10 DPU diffs",
+        title=f"{results['mlp_name']} DPU diffs ({results['dataset']})",
     )
     ax.legend(fontsize=7)
     ax = axes[1]
@@ -394,7 +423,7 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick", action="store_true", help="less training, 3 values of k, 1 timing repeat"
@@ -403,8 +432,16 @@ def main() -> None:
         "--nncodec-path", default=None, help="directory holding the nncodec package"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
+    add_dataset_argument(parser)
+    parser.add_argument(
+        "--train-samples", type=int, help="training samples for the MLP pair (default: up to "
+        f"{TRAIN_SAMPLES['quick']} with --quick, {TRAIN_SAMPLES['full']} without)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "codec.json", help="JSON path")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    ds = load_bench_dataset(args.dataset)  # first: a bad dataset exits before any measuring
+    n_samples = training_samples(ds, args.train_samples, args.quick)
     ks = (0.001, 0.01, 0.1) if args.quick else KS
     repeats = 1 if args.quick else 3
     nnc, nnc_why = load_nncodec(args.nncodec_path)
@@ -412,6 +449,9 @@ def main() -> None:
         "ks": ks,
         "quick": args.quick,
         "nncodec": nnc_why or "used",
+        "dataset": ds.name,
+        "mlp_name": mlp_name(ds),
+        "train_samples": n_samples,
         "targets": {
             "index_vs_shannon": TARGET_INDEX,
             "fp32_vs_paper": TARGET_FP32,
@@ -470,9 +510,9 @@ def main() -> None:
             f"({m['bytes']} bytes)"
         )
 
-    print("\n== MLP 784-512-512-10 on Fashion-MNIST, DPU diffs (Alg. 5.1) ==")
+    print(f"\n== {mlp_name(ds)} on {ds.name} ({n_samples} samples), DPU diffs (Alg. 5.1) ==")
     t0 = time.perf_counter()
-    base, retrained, ds = train_pair(args.quick)
+    base, retrained = train_pair(ds, n_samples, args.quick)
     results["training_s"] = time.perf_counter() - t0
     results["accuracy"] = {"base": accuracy_of(base, ds), "retrained": accuracy_of(retrained, ds)}
     print(
@@ -553,10 +593,12 @@ def main() -> None:
     print("\n== targets ==")
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "codec.json").write_text(json.dumps(results, indent=1, default=str))
-    plot(results, RESULTS / "codec.png")
-    print(f"\nwrote {RESULTS / 'codec.json'} and {RESULTS / 'codec.png'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    png = args.out.with_suffix(".png")
+    plot(results, png)
+    print(f"\nwrote {args.out} and {png}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Multi-round Deep Partial Updating on Fashion-MNIST (thesis §5.5.5, Table 5.2).
+"""Multi-round Deep Partial Updating (thesis §5.5.5, Table 5.2), on Fashion-MNIST by default.
 
 Setting (MLP 784-512-512-10, Adam, batch 128, lr decayed x0.1 at 1/3 and 2/3 of each step):
 |D^1| samples before the first round, |dD^r| new ones per round, R rounds. Every method starts
 from the same seeded w^0 and is evaluated on the same 7000 test images after every round (a
-3000-image validation split drives checkpoint choice and skip-if-worse, as in §5.5).
+3000-image validation split drives checkpoint choice and skip-if-worse, as in §5.5). Both
+come from the dataset's test split (--n-val, --n-test); the pool of training samples from its
+train split.
 
 Runs: full updating from the same random init every round ("full-scratch", the thesis's FU
 baseline) and from w^{r-1} ("full-warm"); for each k: DPU (fp32 values and int8 values with
@@ -15,6 +17,8 @@ with the thesis's ideal accounting S_w*k*I + H(k)*I.
     .venv/bin/python bench/dpu_multiround.py --medium             # about 5 CPU-minutes
     .venv/bin/python bench/dpu_multiround.py --device cuda --jobs 12 --budget-minutes 9
                                                                   # the full setting (GPU)
+    .venv/bin/python bench/dpu_multiround.py --quick --dataset digits --n-val 100 --n-test 200
+                                      # any dataset the agent takes: a name, an .npz, a folder
 
 Every run checkpoints after each round (next to --out) and the JSON is rewritten after each
 finished run, so the same command resumes an interrupted benchmark; ``--budget-minutes`` stops
@@ -42,8 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_data import add_dataset_argument, load_bench_dataset, require_split  # noqa: E402
 from shared.codec import encode_update, ideal_paper_bits, make_update, size_breakdown  # noqa: E402
-from shared.data import load_dataset  # noqa: E402
 from shared.dpu import (  # noqa: E402
     DPUConfig,
     add_residual,
@@ -106,22 +110,30 @@ def plan_runs(ks: tuple[float, ...], methods: tuple[str, ...]) -> list[Run]:
 
 
 @functools.lru_cache(maxsize=2)
-def load_data(setting_json: str, seed: int):
+def load_data(setting_json: str, seed: int) -> tuple:
+    """(train pool, val, test arrays, number of classes). The pool comes from the train split;
+    validation and test are disjoint parts of the test split. Exits (status 2) when a split
+    cannot hold what the setting takes from it, rather than scoring an empty split as 0.0."""
     setting = json.loads(setting_json)
-    ds = load_dataset("fashion-mnist")
+    ds = load_bench_dataset(setting["dataset"])
+    n_val, n_test = setting["n_val"], setting["n_test"]
+    need = setting["initial"] + (setting["rounds"] - 1) * setting["per_round"]
+    require_split(ds, "train", len(ds.y_train), need,
+                  f"|D^1|={setting['initial']} + {setting['rounds'] - 1} rounds x "
+                  f"|dD^r|={setting['per_round']}", "lower --rounds, --initial or --per-round")  # fmt: skip
+    fix = "lower --n-val/--n-test, or give the dataset a larger test split"
+    require_split(ds, "test", len(ds.y_test), n_val, "--n-val (the validation set)", fix)
+    require_split(ds, "test", len(ds.y_test), n_test, "--n-test (the test set)", fix)
+    require_split(ds, "test", len(ds.y_test), n_val + n_test,
+                  f"--n-val {n_val} + --n-test {n_test}", fix)  # fmt: skip
     rng = np.random.Generator(np.random.PCG64(seed))
     order = rng.permutation(len(ds.y_train))
     test_order = rng.permutation(len(ds.y_test))
-    val_idx = test_order[: setting["n_val"]]
-    test_idx = test_order[setting["n_val"] : setting["n_val"] + setting["n_test"]]
-    need = setting["initial"] + (setting["rounds"] - 1) * setting["per_round"]
-    if need > len(order):
-        raise SystemExit(
-            f"the setting needs {need} training samples, Fashion-MNIST has {len(order)}"
-        )
+    val_idx = test_order[:n_val]
+    test_idx = test_order[n_val : n_val + n_test]
     pool = order[:need]
     return (ds.x_train[pool], ds.y_train[pool], ds.x_test[val_idx], ds.y_test[val_idx],
-            ds.x_test[test_idx], ds.y_test[test_idx])  # fmt: skip
+            ds.x_test[test_idx], ds.y_test[test_idx], ds.num_classes)  # fmt: skip
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -136,8 +148,8 @@ def run_one(
 ) -> dict | None:  # fmt: skip
     """All rounds of one run; None when ``deadline`` (time.time()) passed first."""
     torch.set_num_threads(threads)
-    x_pool, y_pool, x_val, y_val, x_test, y_test = load_data(json.dumps(setting), seed)
-    model = build_model(default_spec("mlp", tuple(x_pool.shape[1:]), 10)).to(device)
+    x_pool, y_pool, x_val, y_val, x_test, y_test, classes = load_data(json.dumps(setting), seed)
+    model = build_model(default_spec("mlp", tuple(x_pool.shape[1:]), classes)).to(device)
     w0 = seeded_state(model, config.init_seed)  # on every device before round 1
     full_bytes = sum(t.numel() * 4 for t in w0.values())
     xt, yt = torch.as_tensor(x_test).to(device), torch.as_tensor(y_test).to(device)
@@ -253,7 +265,7 @@ def summarise(results: dict, setting: dict) -> dict:
     return summary
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +278,7 @@ def plot(results: dict, path: Path) -> None:
         ax_acc.plot(rounds, [r["test_accuracy"] for r in res["rounds"]], style, label=name)
         cum = np.cumsum([r["bytes"] for r in res["rounds"]]) / 1e6
         ax_bytes.plot(rounds, cum, style, label=name)
-    ax_acc.set(xlabel="round", ylabel="test accuracy", title="Fashion-MNIST MLP, multi-round")
+    ax_acc.set(xlabel="round", ylabel="test accuracy", title=f"{dataset} MLP, multi-round")
     ax_bytes.set(xlabel="round", ylabel="cumulative MB shipped per device", yscale="log")
     ax_acc.legend(fontsize=7, ncol=2)
     ax_acc.grid(alpha=0.3)
@@ -307,6 +319,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--initial", type=int, help="override |D^1|")
     p.add_argument("--per-round", type=int, help="override |dD^r|")
     p.add_argument("--epochs", type=int, help="override epochs per step")
+    p.add_argument("--n-val", type=int, help="override the validation samples (test split)")
+    p.add_argument("--n-test", type=int, help="override the test samples (test split)")
+    add_dataset_argument(p)
     p.add_argument("--ks", type=str, help="comma-separated updating ratios")
     p.add_argument("--methods", default="dpu,dpu-int8,gcpu,rpu,magnitude",
                    help="partial methods to run (full updating always runs)")  # fmt: skip
@@ -326,7 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     name = "quick" if args.quick else "medium" if args.medium else "full"
     setting = dict(PRESETS[name])
-    for key in ("rounds", "initial", "per_round", "epochs"):
+    setting["dataset"] = args.dataset
+    for key in ("rounds", "initial", "per_round", "epochs", "n_val", "n_test"):
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key)
     if args.ks:
@@ -352,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown := wanted - {r.name for r in runs}:
             raise SystemExit(f"--only names {sorted(unknown)} not in {[r.name for r in runs]}")
         runs = [r for r in runs if r.name in wanted]
+    load_data(json.dumps(setting), args.seed)  # exits (status 2) if a split is too small
     steps = {r.name: planned_steps(r, setting, config) for r in runs}
     print(f"setting {name}: {setting}; device {args.device}")
     print(f"optimizer steps planned: {sum(steps.values())} ({steps})")
@@ -395,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     _write_json(args.out, {"key": key, "meta": meta, "summary": summary, "runs": results})
     if not results:
         return summary
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"), Path(args.dataset).name)
     print_table(summary)
     print(f"\nsaved {args.out} and {args.out.with_suffix('.png')}")
     return summary

@@ -1,4 +1,5 @@
-"""DRESS nested subnets vs K separately pruned models on Fashion-MNIST (thesis Table 3.1/3.2).
+"""DRESS nested subnets vs K separately pruned models (thesis Table 3.1/3.2), on Fashion-MNIST
+by default or on any dataset the agent takes (--dataset: a name, an .npz or a class folder).
 
 For each model (the CNN and the MLP): dense pre-training; DRESS (Alg. 3.1) from the dense
 weights; the baseline [RFC20] (one model per sparsity, iterative global magnitude pruning with
@@ -11,8 +12,11 @@ bench/results/dress.json and bench/results/dress.png.
     .venv/bin/python bench/dress.py --quick                 # CPU smoke run, ~1-2 min
     .venv/bin/python bench/dress.py --device cuda           # full run (training on the GPU)
     .venv/bin/python bench/dress.py --kernels               # the kernel timings behind runner.py
+    .venv/bin/python bench/dress.py --quick --dataset digits --val-samples 200
 
-Training runs on ``--device``; latency is always measured on the CPU.
+Training runs on ``--device``; latency is always measured on the CPU. The validation set
+(--val-samples) is split off the dataset's train split per class; --train-samples and
+--test-samples cap how much of the train and test splits is used.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.data import load_dataset, stratified_split  # noqa: E402
+from bench.bench_data import add_dataset_argument, fail, load_bench_dataset, require_split  # noqa: E402
+from shared.data import stratified_split  # noqa: E402
 from shared.dress import (  # noqa: E402
     DressConfig,
     DressRunner,
@@ -49,6 +54,7 @@ from shared.dress import (  # noqa: E402
 from shared.dress.baseline import RFC20_SCHEDULE, dense_storage_bytes  # noqa: E402
 from shared.dress.loops import TensorData, accuracy_on, cross_entropy, sgd_epochs  # noqa: E402
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed  # noqa: E402
+from shared.tensors import to_model_input  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"accuracy_gap_pp": 0.5, "storage_ratio": 0.60, "sparsest_speedup": 3.0, "switch_ms": 1.0}
@@ -229,7 +235,7 @@ def run_variant(kind: str, allocation: str, prep: dict, args, cfg: dict, data: d
         result.state, spec, sparsities, allocation=result.allocation, norm_states=result.norm_states
     )
     runner = DressRunner(tables)
-    x_test = torch.as_tensor(data["test"][0], dtype=torch.float32) / 255.0
+    x_test = to_model_input(data["test"][0])  # uint8 scaled to [0, 1], float32 as it is
     dress_acc = []
     for k in range(len(sparsities)):
         runner.set_subnet(k)
@@ -308,7 +314,7 @@ def run_variant(kind: str, allocation: str, prep: dict, args, cfg: dict, data: d
     }
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, dataset: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +353,7 @@ def plot(results: dict, path: Path) -> None:
         )
         ax.set_xlabel("batch-1 CPU latency p50 (ms, 1 thread)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{kind}: Fashion-MNIST")
+        ax.set_title(f"{kind}: {dataset}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -485,11 +491,17 @@ def kernel_comparison(reps: int) -> dict:
     return out
 
 
-def load_data(cfg: dict, seed: int) -> dict:
-    ds = load_dataset("fashion-mnist")
-    x_tr, y_tr, x_val, y_val = stratified_split(
-        ds.x_train, ds.y_train, cfg["val_samples"] / len(ds.y_train), seed
-    )
+def load_data(cfg: dict, seed: int, dataset: str) -> dict:
+    """Train / validation / test arrays; exits (status 2) when a split is empty or cannot give
+    the validation set and still leave samples to train on."""
+    ds = load_bench_dataset(dataset)
+    n_train, n_val = len(ds.y_train), cfg["val_samples"]
+    fix = "lower --val-samples or use a dataset with more training samples"
+    require_split(ds, "train", n_train, n_val + 1, f"--val-samples {n_val} (and training)", fix)
+    require_split(ds, "test", len(ds.y_test), 1, "scoring the subnets")
+    x_tr, y_tr, x_val, y_val = stratified_split(ds.x_train, ds.y_train, n_val / n_train, seed)
+    if len(y_tr) == 0:  # the split keeps at least one sample of every class for validation
+        fail(f"{ds.name}: --val-samples {n_val} leaves none of the {n_train} training samples; {fix}")
     rng = np.random.Generator(np.random.PCG64(seed))
     if cfg["train_samples"]:
         keep = np.sort(rng.permutation(len(y_tr))[: cfg["train_samples"]])
@@ -561,7 +573,7 @@ def print_summary(results: dict) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -584,13 +596,17 @@ def main() -> None:
         help="CPU training threads (0: torch default; --quick uses 1)",
     )
     parser.add_argument("--dress-epochs", type=int, help="override the mode's DRESS epochs")
+    add_dataset_argument(parser)
+    parser.add_argument("--val-samples", type=int, help="override the validation set size")
+    parser.add_argument("--train-samples", type=int, help="cap the training samples used")
+    parser.add_argument("--test-samples", type=int, help="cap the test samples used")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dress.json")
     parser.add_argument(
         "--kernels",
         action="store_true",
         help="only time the candidate CPU kernels (~1 min) into dress_kernels.json",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.kernels:
         kernels = {
             "benchmark": "dress-kernels",
@@ -608,12 +624,15 @@ def main() -> None:
     if args.dress_epochs:
         cfg["dress_epochs"] = args.dress_epochs
         cfg["prune_epochs_per_round"] = max(1, args.dress_epochs // len(RFC20_SCHEDULE))
+    for key in ("val_samples", "train_samples", "test_samples"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)  # small models: extra threads only contend
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     torch.manual_seed(args.seed)
-    data = load_data(cfg, args.seed)
+    data = load_data(cfg, args.seed, args.dataset)
     log(
         f"data: train {len(data['train'][1])}, val {len(data['val'][1])}, "
         f"test {len(data['test'][1])}"
@@ -629,6 +648,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "gamma": args.gamma,
             "seed": args.seed,
+            "dataset": args.dataset,
             "prune_schedule": list(RFC20_SCHEDULE),
         },
         "environment": {
@@ -655,7 +675,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     png = args.out.with_suffix(".png")
-    plot(results, png)
+    plot(results, png, Path(args.dataset).name)
     log(f"wrote {args.out} and {png} in {results['wall_seconds']:.0f}s")
     print_summary(results)
 

@@ -1,4 +1,4 @@
-"""Exponential backoff with jitter, and a retry wrapper around it.
+"""Exponential backoff with jitter.
 
 A fleet of agents that lose the server at the same moment must not come back in lock-step,
 so delays use AWS-style "full jitter" (Brooker, *Exponential Backoff and Jitter*, 2015):
@@ -8,16 +8,9 @@ makes the sequence reproducible in tests.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-import time
-from collections.abc import Callable
-from typing import TypeVar
 
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 JITTERS = ("full", "equal", "none")
 
 
@@ -77,42 +70,3 @@ class Backoff:
         """Start again from ``initial`` (call after a success)."""
         self.attempt = 0
 
-
-def retry_call(
-    fn: Callable[[], T],
-    *,
-    backoff: Backoff,
-    give_up: Callable[[Exception], bool],
-    sleep: Callable[[float], object] = time.sleep,
-    max_attempts: int | None = None,
-    on_retry: Callable[[int, Exception, float], object] | None = None,
-) -> T:
-    """Call ``fn`` until it succeeds; re-raise when ``give_up(exc)`` or attempts run out.
-
-    ``give_up`` separates permanent errors (bad request, auth refused) from transient ones
-    (connection reset); only the latter are worth waiting for. ``on_retry(attempt, exc,
-    delay)`` runs before each sleep (attempt counts from 1). The backoff is reset on success
-    so that one flaky period does not inflate the delays of the next one.
-    """
-    if max_attempts is not None and max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1 or None, got {max_attempts}")
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            result = fn()
-        except Exception as exc:
-            if give_up(exc):
-                raise
-            if max_attempts is not None and attempt >= max_attempts:
-                logger.warning("giving up after %d attempts: %s", attempt, exc)
-                raise
-            delay = backoff.next_delay()
-            if on_retry is not None:
-                on_retry(attempt, exc, delay)
-            else:
-                logger.info("attempt %d failed (%s); retrying in %.2f s", attempt, exc, delay)
-            sleep(delay)
-        else:
-            backoff.reset()
-            return result

@@ -78,27 +78,6 @@ def _hash_file(path: Path) -> hashlib._Hash:
     return h
 
 
-def artefact_path(directory: Path, artefact_sha256: str) -> Path:
-    """Where a finalised artefact lives."""
-    return Path(directory) / f"{_check_sha256(artefact_sha256)}.artefact"
-
-
-def verified_artefact(directory: Path, artefact_sha256: str, expected_size: int) -> Path | None:
-    """The finalised artefact if it exists and still verifies, else None (a bad one is removed).
-
-    Lets a restarted agent skip a download it had already finished before the crash.
-    """
-    path = artefact_path(directory, artefact_sha256)
-    try:
-        if path.stat().st_size == expected_size and _hash_file(path).hexdigest() == artefact_sha256:
-            return path
-    except FileNotFoundError:
-        return None
-    logger.warning("finalised artefact %s no longer verifies; removing it", path)
-    path.unlink(missing_ok=True)
-    return None
-
-
 class PartialDownload:
     """The on-disk state of one artefact download; resumes from an existing part file."""
 

@@ -269,6 +269,19 @@ class ModelStore:
         logger.warning("rolled back from %s to %s", pointer["model_hash"][:16], previous[:16])
         return previous
 
+    @_locked
+    def activate(self, model_hash_: str) -> InstalledModel:
+        """Make an installed model current (verified first; atomic pointer switch) and return it.
+
+        Idempotent, unlike :meth:`rollback`, so an interrupted rollback can simply be redone.
+        No previous model is recorded: the model switched away from was rejected.
+        """
+        model = self.load(model_hash_)
+        if self.current_hash() != model_hash_:
+            self._write_pointer(model_hash_, None)
+            logger.warning("activated model %s", model_hash_[:16])
+        return model
+
     # -- housekeeping ----------------------------------------------------------------------
 
     def _model_files(self) -> list[Path]:

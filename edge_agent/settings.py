@@ -61,6 +61,20 @@ class AgentSettings(BaseSettings):
     governor_hysteresis: float = Field(0.1, ge=0, lt=1, description="Switch up to a denser subnet only if it fits every budget with this margin.")
     governor_min_dwell_s: float = Field(2.0, ge=0, description="Seconds after a switch before switching up again (down-switches are immediate).")
     profile_reps: int = Field(30, ge=1, le=10000, description="Timed batch-1 calls per subnet when profiling a new DRESS model.")
+    # --- local learner: personal models, never uploaded (docs/learner.md) --------------------
+    learner: str = Field("none", description="Local learner deriving a personal model from the device's labelled inputs: 'none' or a registered learner ('head': fine-tune the classifier).")
+    learner_min_samples: int = Field(64, ge=10, description="Labelled local samples needed before a personal model is derived.")
+    learner_retrain_every: int = Field(256, ge=0, description="Re-derive after this many new labelled local samples (0: only when the fleet model changes).")
+    learner_epochs: int = Field(5, ge=1, le=1000, description="Training epochs per derivation.")
+    learner_lr: float = Field(1e-3, gt=0, le=1, description="Learner step size (Adam).")
+    learner_holdout: float = Field(0.2, gt=0, lt=1, description="Fraction of local data held out to check the personal model; it serves only if not worse than the fleet model there.")
+    learner_max_samples: int = Field(0, ge=0, description="Learn from at most the newest N local samples (0: all stored).")
+    learner_poll_s: float = Field(2.0, gt=0, le=3600, description="How often the learner checks for new local samples.")
+    # --- local labelled data and update probation (docs/protocol.md#update-lifecycle) --------
+    local_data_max_items: int = Field(2048, ge=1, description="Labelled local inputs kept in data_dir/local_data.db (oldest dropped first).")
+    probation_margin: float = Field(0.05, ge=0, le=1, description="A new version is rolled back if its accuracy on the recent local labels is below the previous version's by more than this.")
+    probation_min_samples: int = Field(20, ge=1, description="Fewer local labels than this: commit a new version without judging it.")
+    probation_samples: int = Field(256, ge=1, description="Newest local labels a new version is scored on (with the previous one, on the same inputs).")
 
     @field_validator("server")
     @classmethod
@@ -74,6 +88,15 @@ class AgentSettings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v  # EDGELOOP_AGENT_BUDGET_X=""
+
+    @field_validator("learner")
+    @classmethod
+    def _learner(cls, v: str) -> str:
+        from shared.personal import learner_names
+
+        if v != "none" and v not in learner_names():
+            raise ValueError(f"learner must be 'none' or one of {learner_names()}, got {v!r}")
+        return v
 
     @field_validator("battery_policy")
     @classmethod
@@ -89,6 +112,13 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
         if self.source == "folder" and self.watch_dir is None:
             raise ValueError("source=folder needs watch_dir")
+        return self
+
+    @model_validator(mode="after")
+    def _probation(self) -> AgentSettings:
+        if self.probation_samples < self.probation_min_samples:
+            raise ValueError(f"probation_samples {self.probation_samples} must be >= "
+                             f"probation_min_samples {self.probation_min_samples}")
         return self
 
     @property

@@ -74,6 +74,29 @@ def server_run(
     server.serve_forever()
 
 
+@server_app.command("worker")
+def server_worker(
+    data_dir: Annotated[Path | None, typer.Option(help="EDGELOOP_DATA_DIR (the server's: blobs are shared)")] = None,
+    database_url: Annotated[str | None, typer.Option(help="EDGELOOP_DATABASE_URL (the server's)")] = None,
+    model_kind: Annotated[str | None, typer.Option(help="EDGELOOP_MODEL_KIND: mlp or cnn")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="EDGELOOP_INPUT_SHAPE, e.g. 1,28,28")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="EDGELOOP_NUM_CLASSES")] = None,
+    log_level: Annotated[str | None, typer.Option(help="EDGELOOP_LOG_LEVEL")] = None,
+) -> None:
+    """Run update rounds only (no REST, no gRPC) beside `server run`, on its database and data
+    directory. Several may run at once: rounds of different cohorts run side by side."""
+    from edgeloop.logs import setup_logging
+
+    settings = _server_settings(data_dir=data_dir, database_url=database_url, model_kind=model_kind,
+                                input_shape=input_shape, num_classes=num_classes, log_level=log_level)
+    setup_logging(settings.log_level, "worker ")
+    from server.app import WorkerProcess
+
+    worker = WorkerProcess(settings)
+    worker.start()
+    worker.serve_forever()
+
+
 @server_app.command("migrate")
 def server_migrate(
     database_url: Annotated[str | None, typer.Option(help="EDGELOOP_DATABASE_URL")] = None,

@@ -67,6 +67,7 @@ class RoundRow:
     bytes_per_agent: dict[str, int]
     agents_on_version: int
     agents_total: int
+    agents_rolled_back: int
     agent_accuracy: float | None
     wall_s: float
     model_hash: str | None
@@ -195,7 +196,9 @@ class LocalFleet:
             report = self.get(f"/rounds/{round_id}")
             if report["status"] in ("skipped", "failed"):
                 break
-            if report["status"] == "done" and report["devices_on_version"] >= report["devices_total"]:
+            # A device whose probation rolled the version back is done with it too.
+            settled = report["devices_on_version"] + len(report.get("rollbacks", []))
+            if report["status"] == "done" and settled >= report["devices_total"]:
                 break
             time.sleep(0.3)
         devices = {d["id"]: d for d in self.get("/devices?limit=1000")["data"]}
@@ -209,6 +212,7 @@ class LocalFleet:
             bytes_per_agent={devices.get(d["device_id"], {}).get("name", d["device_id"]): d["bytes_sent"]
                              for d in report.get("devices", [])},
             agents_on_version=report.get("devices_on_version", 0), agents_total=report.get("devices_total", 0),
+            agents_rolled_back=len(report.get("rollbacks", [])),
             agent_accuracy=sum(accs) / len(accs) if accs else None, wall_s=time.monotonic() - t0,
             model_hash=report.get("model_hash"), metrics=m,
         )
@@ -237,7 +241,9 @@ def render_table(rows: list[RoundRow], console: Console) -> None:
         table.add_row(str(r.round), method or "-", r.status if r.status != "skipped" else f"skipped ({r.reason[:40]})",
                       str(r.labelled_samples), f"{_fmt_acc(r.base_val_accuracy)} -> {_fmt_acc(r.val_accuracy)}",
                       "/".join(f"{100 * a:.1f}" for a in r.metrics.get("subnet_val_accuracy") or []) or "-",
-                      per_agent, ratio, f"{r.agents_on_version}/{r.agents_total}", _fmt_acc(r.agent_accuracy),
+                      per_agent, ratio, f"{r.agents_on_version}/{r.agents_total}"
+                      + (f" ({r.agents_rolled_back} rolled back)" if r.agents_rolled_back else ""),
+                      _fmt_acc(r.agent_accuracy),
                       f"{r.wall_s:.1f}")
     console.print(table)
 
@@ -277,7 +283,7 @@ def run_fleet(cfg: FleetConfig) -> FleetResult:
         render_table(rows, console)
         render_devices(fleet.get("/devices?limit=1000")["data"], console)
         ok = all(r.status in ("done", "skipped") for r in rows) and all(
-            r.agents_on_version == r.agents_total for r in rows if r.status == "done")
+            r.agents_on_version + r.agents_rolled_back == r.agents_total for r in rows if r.status == "done")
         if cfg.json_out:
             cfg.json_out.parent.mkdir(parents=True, exist_ok=True)
             cfg.json_out.write_text(json.dumps({"config": {**asdict(cfg), "work_dir": str(cfg.work_dir),

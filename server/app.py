@@ -40,7 +40,8 @@ class EdgeLoopServer:
         self.settings = settings
         self.ctx = ServerContext.open(settings, run_migrations=settings.migrate_on_start)
         self.worker = RoundWorker(settings, self.ctx.factory, self.ctx.blobs,
-                                  rounds_wakeup=self.ctx.rounds_wakeup, targets_changed=self.ctx.targets_changed)
+                                  rounds_wakeup=self.ctx.rounds_wakeup, targets_changed=self.ctx.targets_changed
+                                  ) if settings.embedded_worker else None
         self.grpc_port = 0
         self.rest_port = 0
         self._grpc: grpc.Server | None = None
@@ -73,7 +74,8 @@ class EdgeLoopServer:
         self._uvicorn = uvicorn.Server(config)
         self._rest_thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, name="rest", daemon=True)
         self._rest_thread.start()
-        self.worker.start()
+        if self.worker is not None:
+            self.worker.start()
         log.info("EdgeLoop server: REST http://%s:%d/api/v1 (docs /docs), gRPC %s:%d",
                  s.rest_host, self.rest_port, s.grpc_host, self.grpc_port)
 
@@ -92,9 +94,38 @@ class EdgeLoopServer:
             self._uvicorn.should_exit = True
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1)
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         if self._rest_thread is not None:
             self._rest_thread.join(grace)
+        self.ctx.close()
+
+    def serve_forever(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._shutdown_requested.set())
+        self._shutdown_requested.wait()
+        self.stop()
+
+
+class WorkerProcess:
+    """``edgeloop server worker``: rounds only (no REST, no gRPC), on the server's database
+    and blob directory. Run as many as there are cores to spare; rounds of different
+    lineages run side by side, rounds of one lineage in order."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.ctx = ServerContext.open(settings, run_migrations=settings.migrate_on_start)
+        self.worker = RoundWorker(settings, self.ctx.factory, self.ctx.blobs,
+                                  rounds_wakeup=self.ctx.rounds_wakeup, targets_changed=self.ctx.targets_changed)
+        self._shutdown_requested = threading.Event()
+
+    def start(self) -> None:
+        self.worker.start()
+        log.info("EdgeLoop round worker %s started", self.worker.worker_id)
+
+    def stop(self) -> None:
+        # Finish the round in hand within compose's 60 s grace, else fail it (a killed worker is
+        # reaped by the others).
+        self.worker.stop(timeout=45.0)
         self.ctx.close()
 
     def serve_forever(self) -> None:

@@ -37,7 +37,8 @@ class ServerContext:
             migrate.upgrade(engine)
         ctx = cls(settings, engine, make_session_factory(engine), BlobStore(settings.data_dir / "blobs", fsync=settings.fsync))
         with transaction(ctx.factory) as s:
-            n = fail_interrupted(s)
+            # Only rounds whose worker is gone: other worker processes may be mid-round.
+            n = fail_interrupted(s, stale_after_s=settings.worker_stale_s)
             if n:
                 log.warning("marked %d interrupted rounds as failed", n)
             v0 = ensure_initial_version(s, ctx.blobs, settings.arch, settings.init_seed)

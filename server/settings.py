@@ -43,6 +43,9 @@ class ServerSettings(BaseSettings):
     watch_max_seconds: int = Field(300, ge=1, description="WatchUpdates streams end after this long.")
     watch_keepalive_s: float = Field(15.0, gt=0)
     worker_poll_s: float = Field(0.5, gt=0, description="How often the round worker looks for queued rounds.")
+    embedded_worker: bool = Field(True, description="`edgeloop server run` also runs rounds. Turn off when separate `edgeloop server worker` processes (same database and data_dir) run them.")
+    worker_heartbeat_s: float = Field(5.0, gt=0, le=600, description="How often a worker marks the round it runs as alive.")
+    worker_stale_s: float = Field(60.0, gt=0, description="A running round whose worker sent no heartbeat for this long is failed as interrupted (by any worker), unblocking its lineage. Must exceed 2 x worker_heartbeat_s.")
     fsync: bool = Field(True, description="fsync blobs before acknowledging (turn off only for throwaway tests).")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of labelled samples held out for validation (fixed per sample by its hash).")
     grpc_max_workers: int = Field(256, ge=4, description="gRPC handler threads; each open WatchUpdates stream holds one.")
@@ -66,6 +69,13 @@ class ServerSettings(BaseSettings):
         if not 1 <= len(dims) <= 3 or min(dims) < 1:
             raise ValueError(f"input_shape must be 1 to 3 positive sizes, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _stale_after_heartbeats(self) -> ServerSettings:
+        if self.worker_stale_s <= 2 * self.worker_heartbeat_s:
+            raise ValueError(f"worker_stale_s ({self.worker_stale_s}) must exceed 2 x worker_heartbeat_s "
+                             f"({self.worker_heartbeat_s}): a live worker would be failed as interrupted")
+        return self
 
     @model_validator(mode="after")
     def _arch_valid(self) -> ServerSettings:

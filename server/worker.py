@@ -1,13 +1,28 @@
-"""The round worker: claims queued rounds and runs them outside any request handler."""
+"""The round worker: claims queued rounds and runs them outside any request handler.
+
+Several workers (threads of the server, or ``edgeloop server worker`` processes) may share one
+database. A round's life in transactions:
+
+1. claim (``rounds.claim_next``): queued -> training, owned by this worker;
+2. start: the cohort, its base version, its labelled data and the policy's carried state
+   (with the generation read) for the round's lineage;
+3. train, outside any transaction, while a heartbeat thread keeps the claim alive;
+4. finish, in one transaction: mark skipped, or publish the version(s), retarget the cohort
+   and mark done; the carried state is saved in that same transaction, conditional on the
+   generation read at the start, so a round never ships a model whose state was not kept,
+   nor keeps state for a model it did not ship.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
@@ -15,18 +30,36 @@ from server.db.engine import transaction
 from server.db.models import Round
 from server.domain import rounds as R
 from server.domain.devices import resolve_cohort
+from server.domain.lineage import base_version
 from server.domain.samples import SampleCache, load_labelled
-from server.domain.versions import add_artefact, latest_version, load_state, publish_version
+from server.domain.versions import add_artefact, load_state, lock_publishing, publish_version
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
-from server.training.carry_store import decode_carry, encode_carry
-from server.training.policy import RoundInputs, RoundOutcome
+from server.training import state_store
+from server.training.policy import PolicyState, RoundInputs, RoundOutcome, UpdatePolicy
 from server.training.registry import get_policy
 from shared.artefacts import SEED_MODEL_ENCODING, encode_seed_model
+from shared.models import ArchSpec
 
 log = logging.getLogger(__name__)
 _PROGRESS_DB_INTERVAL_S = 1.0
+_CLAIM_ATTEMPTS = 3
+
+
+class RoundLostError(RuntimeError):
+    """The round is no longer this worker's (failed as interrupted while it trained)."""
+
+
+@dataclass
+class _Started:
+    """What the start transaction read for one round."""
+
+    policy: UpdatePolicy
+    inputs: RoundInputs
+    lineage: str
+    state_generation: int
+    state_note: str
 
 
 class RoundWorker:
@@ -38,6 +71,7 @@ class RoundWorker:
         *,
         rounds_wakeup: Notifier,
         targets_changed: Notifier,
+        worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
@@ -45,75 +79,103 @@ class RoundWorker:
         self.cache = SampleCache(blobs)
         self.rounds_wakeup = rounds_wakeup
         self.targets_changed = targets_changed
+        self.worker_id = worker_id or R.new_worker_id()
+        R.set_worker_live(self.worker_id, True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="round-worker", daemon=True)
-        # Policy state carried across rounds (DPU's re-init bookkeeping, residuals). Persisted
-        # with each version's metrics where it must survive restarts.
-        self.carry: dict[str, Any] = {}
+        self._last_reap = 0.0
+        self._current: str | None = None  # the round in hand
 
     def start(self) -> None:
-        self._load_carry()
         self._thread.start()
 
-    def _save_carry(self, method: str) -> str | None:
-        carry = self.carry.get(method) or {}
-        if not any(v is not None and v != {} for v in carry.values()):
-            return None
-        try:
-            return self.blobs.put(encode_carry(carry))
-        except Exception:  # noqa: BLE001 - losing the carry costs accuracy, never the round
-            log.exception("could not persist the %s policy state", method)
-            return None
-
-    def _load_carry(self) -> None:
-        """Reload each method's newest carried state (shadow chain, residual) after a restart."""
-        with transaction(self.factory) as s:
-            rounds = s.scalars(select(Round).where(Round.status.in_([R.DONE, R.SKIPPED]))
-                               .order_by(Round.finished_at.desc())).all()
-            latest = {}
-            for rnd in rounds:
-                sha = (rnd.metrics or {}).get("carry_sha256")
-                if sha and rnd.method not in latest:
-                    latest[rnd.method] = sha
-        for method, sha in latest.items():
-            try:
-                self.carry[method] = decode_carry(self.blobs.get(sha))
-                log.info("restored %s policy state from %s", method, sha[:12])
-            except Exception:  # noqa: BLE001
-                log.exception("could not restore the %s policy state %s; starting without it", method, sha[:12])
-
     def stop(self, timeout: float = 30.0) -> None:
+        """Finish the round in hand within ``timeout``, else fail it (this process is going)."""
         self._stop.set()
         self.rounds_wakeup.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        current = self._current
+        if self._thread.is_alive() and current is not None:
+            with transaction(self.factory) as s:
+                rnd = R.get_round(s, current, for_update=True)
+                if rnd.status in R.ACTIVE and rnd.worker_id == self.worker_id:
+                    R.transition(s, rnd, R.FAILED, reason="interrupted: its worker was stopped mid-round")
+        R.set_worker_live(self.worker_id, False)
 
     def _loop(self) -> None:
         seen = self.rounds_wakeup.generation
         while not self._stop.is_set():
             try:
+                self._reap_interrupted()
                 while not self._stop.is_set() and self.run_next():
                     pass
             except Exception:  # noqa: BLE001 - the worker must outlive any one bad round
                 log.exception("round worker iteration failed")
             seen = self.rounds_wakeup.wait(seen, self.settings.worker_poll_s)
 
+    def _reap_interrupted(self) -> None:
+        """Fail rounds whose worker died, so their lineage is not blocked forever."""
+        now = time.monotonic()
+        if now - self._last_reap < self.settings.worker_heartbeat_s:
+            return
+        self._last_reap = now
+        with transaction(self.factory) as s:
+            n = R.fail_interrupted(s, stale_after_s=self.settings.worker_stale_s)
+        if n:
+            log.warning("failed %d rounds whose worker is gone", n)
+
+    def _claim(self) -> str | None:
+        for _ in range(_CLAIM_ATTEMPTS):
+            try:
+                with transaction(self.factory) as s:
+                    return R.claim_next(s, worker_id=self.worker_id)
+            except IntegrityError:  # another worker claimed a round of that lineage first
+                continue
+        return None
+
     def run_next(self) -> bool:
         """Claim and run one queued round; False when there was none."""
-        with transaction(self.factory) as s:
-            round_id = R.claim_next(s)
+        round_id = self._claim()
         if round_id is None:
             return False
+        self._current = round_id
         try:
-            self._run(round_id)
+            with self._heartbeat(round_id):
+                self._run(round_id)
         except Exception as exc:  # noqa: BLE001
             log.exception("round %s failed", round_id)
             with transaction(self.factory) as s:
-                rnd = s.get(Round, round_id)
-                if rnd is not None and rnd.status not in R.TERMINAL:
+                rnd = R.get_round(s, round_id, for_update=True)
+                if rnd.status not in R.TERMINAL and rnd.worker_id == self.worker_id:
                     R.transition(s, rnd, R.FAILED, reason=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._current = None
         return True
 
-    def _progress_fn(self, round_id: str, bar: tqdm):
+    @contextmanager
+    def _heartbeat(self, round_id: str):  # type: ignore[no-untyped-def]
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.settings.worker_heartbeat_s):
+                try:
+                    with transaction(self.factory) as s:
+                        if not R.heartbeat(s, round_id, self.worker_id):
+                            log.warning("round %s is no longer ours; its result will be refused", round_id)
+                            return
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+                    log.exception("heartbeat for round %s failed", round_id)
+
+        t = threading.Thread(target=beat, name=f"heartbeat-{round_id[:8]}", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join(5)
+
+    def _progress_fn(self, round_id: str, bar: tqdm):  # type: ignore[no-untyped-def]
         last = [0.0]
 
         def progress(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -126,78 +188,121 @@ class RoundWorker:
                 last[0] = now
                 with transaction(self.factory) as s:
                     rnd = s.get(Round, round_id)
-                    if rnd is not None:
+                    if rnd is not None and rnd.status == R.TRAINING:
                         rnd.progress = min(0.99, step / max(total, 1))
                         rnd.progress_message = f"training step {step}/{total}" + "".join(
                             f", {k}={v:.4f}" for k, v in metrics.items())
 
         return progress
 
+    def _start(self, s: Session, round_id: str, bar: tqdm) -> _Started:
+        """Everything the round trains from, read in one transaction."""
+        rnd = R.get_round(s, round_id)
+        policy = get_policy(rnd.method)
+        params = policy.parse_params(rnd.params)
+        arch = self.settings.arch
+        devices = resolve_cohort(s, rnd.cohort)
+        base = base_version(s, devices, rnd.lineage)
+        base_hash = base.model_hash if base else None
+        base_state = load_state(s, self.blobs, base_hash)[1] if base_hash else None
+        state: PolicyState | None = None
+        generation, note = 0, ""
+        if policy.State is not None:
+            state, generation, note = state_store.load_state(s, self.blobs, rnd.lineage, rnd.method, policy.State)
+            if note:
+                log.warning("round %s: %s", round_id, note)
+        # Cohort "all" trains on every sample, also those of since-revoked devices, as before.
+        scope_all = rnd.data_scope == "all" or bool(rnd.cohort.get("all"))
+        data = load_labelled(s, self.cache, arch, self.settings.val_fraction,
+                             device_ids=None if scope_all else [d.id for d in devices])
+        rnd.base_model_hash = base_hash
+        rnd.progress_message = f"training on {data.total} labelled samples"
+        log.info("round %s: %s for %s on %d labelled samples (base %s, state generation %d)", round_id,
+                 rnd.method, rnd.lineage, data.total, (base_hash or "none")[:12], generation)
+        inputs = RoundInputs(
+            arch=arch, base_state=base_state, base_hash=base_hash, base_method=base.method if base else None,
+            data=data, params=params, progress=self._progress_fn(round_id, bar), state=state,
+        )
+        return _Started(policy, inputs, rnd.lineage, generation, note)
+
+    def _own(self, s: Session, round_id: str, status: str) -> Round:
+        rnd = R.get_round(s, round_id, for_update=True)
+        if rnd.worker_id != self.worker_id or rnd.status != status:
+            raise RoundLostError(f"round {round_id} is {rnd.status} (worker {rnd.worker_id or '?'}); "
+                                 "this worker's result is discarded")
+        return rnd
+
+    def _save_state(self, s: Session, rnd: Round, started: _Started, outcome: RoundOutcome,
+                    metrics: dict[str, Any]) -> str | None:
+        """Save the carried state in the finishing transaction; returns a blob to collect."""
+        if started.policy.State is None:
+            return None
+        saved = state_store.save_state(s, self.blobs, started.lineage, rnd.method, outcome.state,
+                                       expected_generation=started.state_generation, round_id=rnd.id)
+        metrics["state_generation"] = saved.generation
+        return saved.superseded
+
+    def _collect(self, sha: str | None) -> None:
+        if sha:
+            with transaction(self.factory) as s:
+                state_store.collect_garbage(s, self.blobs, [sha])
+
     def _run(self, round_id: str) -> None:
         t0 = time.monotonic()
-        with transaction(self.factory) as s:
-            rnd = R.get_round(s, round_id)
-            policy = get_policy(rnd.method)
-            params = policy.parse_params(rnd.params)
-            base = latest_version(s)
-            arch = self.settings.arch
-            base_hash = base.model_hash if base else None
-            base_state = load_state(s, self.blobs, base_hash)[1] if base_hash else None
-            base_metrics = {**(base.metrics or {}), "method": base.method} if base else {}
-            data = load_labelled(s, self.cache, arch, self.settings.val_fraction)
-            rnd.base_model_hash = base_hash
-            rnd.progress_message = f"training on {data.total} labelled samples"
-        log.info("round %s: %s on %d labelled samples (base %s)", round_id, rnd.method, data.total,
-                 (base_hash or "none")[:12])
         with tqdm(total=1, desc=f"round {round_id[:8]}", unit="step", leave=True, mininterval=1.0) as bar:
-            outcome = policy.run(RoundInputs(
-                arch=arch, base_state=base_state, base_hash=base_hash, data=data, params=params,
-                base_metrics=base_metrics, progress=self._progress_fn(round_id, bar), carry=self.carry.setdefault(rnd.method, {}),
-            ))
-        self.carry[rnd.method] = outcome.carry or self.carry.get(rnd.method, {})
-        carry_sha = self._save_carry(rnd.method)
-        train_s = time.monotonic() - t0
-        with transaction(self.factory) as s:
-            rnd = R.get_round(s, round_id)
-            metrics = {**outcome.metrics, "train_seconds": round(train_s, 3)}
-            if carry_sha:
-                metrics["carry_sha256"] = carry_sha
-            if outcome.state is None:
+            with transaction(self.factory) as s:
+                started = self._start(s, round_id, bar)
+            outcome = started.policy.run(started.inputs)
+        metrics = {**outcome.metrics, "train_seconds": round(time.monotonic() - t0, 3)}
+        if started.state_note:
+            metrics["state_note"] = started.state_note
+        if outcome.model is None:
+            with transaction(self.factory) as s:
+                rnd = self._own(s, round_id, R.TRAINING)
+                garbage = self._save_state(s, rnd, started, outcome, metrics)
                 rnd.metrics = metrics
                 R.transition(s, rnd, R.SKIPPED, reason=outcome.skip_reason or "the policy shipped nothing")
                 log.info("round %s skipped: %s", round_id, rnd.reason)
-                return
+            self._collect(garbage)
+            return
+        with transaction(self.factory) as s:
+            rnd = self._own(s, round_id, R.TRAINING)
             R.transition(s, rnd, R.PUBLISHING)
             rnd.progress_message = "publishing"
-        self._publish(round_id, arch, base_hash, outcome, metrics, t0)
+        self._publish(round_id, started, outcome, metrics, t0)
 
-    def _publish(self, round_id: str, arch, base_hash: str | None, outcome: RoundOutcome, metrics: dict, t0: float) -> None:
+    def _publish(self, round_id: str, started: _Started, outcome: RoundOutcome, metrics: dict, t0: float) -> None:
+        arch: ArchSpec = started.inputs.arch
+        base_hash = started.inputs.base_hash
+        assert outcome.model is not None
         with transaction(self.factory) as s:
-            rnd = R.get_round(s, round_id)
+            rnd = self._own(s, round_id, R.PUBLISHING)
+            lock_publishing(s)  # before any row other publishers also write (devices, artefacts)
             devices = resolve_cohort(s, rnd.cohort)
+            fleet_default = bool(rnd.cohort.get("all"))
             parent = base_hash
             if outcome.reinit_seed is not None and outcome.diff_base_state is not None:
                 # Re-initialisation (DPU §5.4.2): the seeded weights are a version of their own,
                 # reachable from any model through a ~200-byte seed artefact.
                 seeded = publish_version(s, self.blobs, arch=arch, state=outcome.diff_base_state,
                                          parent_hash=base_hash, method="reinit", metrics={},
-                                         round_id=round_id, reinit_seed=outcome.reinit_seed)
+                                         round_id=round_id, reinit_seed=outcome.reinit_seed, lineage=rnd.lineage)
                 add_artefact(s, self.blobs, encode_seed_model(arch, outcome.reinit_seed, seeded.model_hash),
                              encoding=SEED_MODEL_ENCODING, target_hash=seeded.model_hash)
                 parent = seeded.model_hash
                 metrics["reinit_version"] = seeded.number
             mv = publish_version(
-                s, self.blobs, arch=arch, state=outcome.state, parent_hash=parent, method=rnd.method,
+                s, self.blobs, arch=arch, state=outcome.model, parent_hash=parent, method=rnd.method,
                 metrics=metrics, round_id=round_id, reinit_seed=outcome.reinit_seed,
-                fleet_default=bool(rnd.cohort.get("all")),
+                fleet_default=fleet_default, lineage=rnd.lineage,
             )
-            full_size = self.blobs.size(mv.full_artefact_sha256)
-            metrics["full_model_bytes"] = full_size
+            metrics["full_model_bytes"] = self.blobs.size(mv.full_artefact_sha256)
             diff_base = outcome.diff_base_hash or base_hash
             if outcome.diff is not None and diff_base:
                 art = add_artefact(s, self.blobs, outcome.diff, encoding=outcome.diff_encoding or "",
                                    target_hash=mv.model_hash, base_hash=diff_base)
                 metrics["diff_bytes"] = art.size
+            garbage = self._save_state(s, rnd, started, outcome, metrics)
             for dev in devices:
                 dev.target_model_hash = mv.model_hash
             rnd.model_hash = mv.model_hash
@@ -207,5 +312,7 @@ class RoundWorker:
             mv.metrics = dict(metrics)
             rnd.progress_message = f"published version {mv.number}"
             R.transition(s, rnd, R.DONE)
-        log.info("round %s done: version %s -> %d devices", round_id, mv.model_hash[:12], len(devices))
+        self._collect(garbage)
+        log.info("round %s done: version %s (%s) -> %d devices", round_id, mv.model_hash[:12], rnd.lineage,
+                 len(devices))
         self.targets_changed.notify()

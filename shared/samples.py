@@ -21,7 +21,7 @@ import struct
 import numpy as np
 
 MAGIC = b"ELS1"
-_CODES = {1: np.dtype("<u1"), 2: np.dtype("<f4")}
+_CODES: dict[int, np.dtype] = {1: np.dtype("<u1"), 2: np.dtype("<f4")}
 _CODE_OF = {np.dtype(np.uint8): 1, np.dtype(np.float32): 2}
 MAX_SAMPLE_ELEMENTS = 1 << 24  # 16M elements: far above any edge input, bounds allocations
 

@@ -1,17 +1,16 @@
-"""Plain supervised training and evaluation loops over in-memory tensors."""
+"""Plain supervised training (on the shared loop, :mod:`shared.loop`) and evaluation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from shared.loop import ProgressFn, Validation, epoch_batches, run_loop, steps_per_epoch
 from shared.tensors import to_model_input
-
-ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, total_steps, metrics)
 
 
 @dataclass(frozen=True)
@@ -28,9 +27,9 @@ class TrainConfig:
 
 
 def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
-    """Index batches covering ``range(n)``; shuffled when ``rng`` is given."""
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    """Index batches covering ``range(n)``; shuffled when ``rng`` is given. A trailing batch of
+    one sample joins the previous one (the shared tail rule, :func:`shared.loop.epoch_batches`)."""
+    return epoch_batches(n, batch_size, rng)
 
 
 @torch.no_grad()
@@ -62,37 +61,39 @@ def train_supervised(
 ) -> dict[str, float]:
     """Train ``model`` in place with Adam and cross-entropy; keeps the best-validation weights.
 
-    Returns ``{"train_loss", "val_accuracy"}`` of the kept weights (val_accuracy is -1 without a
-    validation set, in which case the last weights are kept).
+    Runs on :func:`shared.loop.run_loop`: validation once per epoch (ties prefer the later
+    epoch), ``progress(step, total, {"loss", "val_accuracy" at epoch ends})`` after every step,
+    any sample count (the one-sample tail rule). Returns ``{"train_loss", "val_accuracy"}``:
+    the last epoch's mean loss and the kept weights' accuracy (-1 without a validation set,
+    in which case the last weights are kept). A non-finite loss raises
+    :class:`shared.loop.TrainingDivergedError`.
     """
     if len(x) == 0:
         raise ValueError("cannot train on an empty dataset")
-    rng = np.random.Generator(np.random.PCG64(config.seed))
+    if len(x) != len(y):
+        raise ValueError(f"need equally many inputs and labels, got {len(x)} and {len(y)}")
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
-    steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
-    total = steps_per_epoch * config.epochs
-    has_val = x_val is not None and y_val is not None and len(y_val) > 0
-    best_acc, best_state, last_loss, step = -1.0, None, float("nan"), 0
-    for _epoch in range(config.epochs):
-        model.train()
-        running = 0.0
-        for idx in batches(len(x), config.batch_size, rng):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(to_model_input(x[idx])), y_t[idx])
-            loss.backward()
-            opt.step()
-            running += loss.item() * len(idx)
-            step += 1
-            if progress is not None:
-                progress(step, total, {"loss": loss.item()})
-        last_loss = running / len(x)
-        if has_val:
-            acc = accuracy(model, x_val, y_val)
-            if acc > best_acc:
-                best_acc = acc
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"train_loss": last_loss, "val_accuracy": best_acc}
+
+    def fetch(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_model_input(x[idx]), y_t[idx]
+
+    validation = None
+    if x_val is not None and y_val is not None and len(y_val) > 0:
+        xv, yv = x_val, y_val
+        validation = Validation(lambda m: accuracy(m, xv, yv))  # once per epoch
+    out = run_loop(
+        model, opt, _cross_entropy, fetch, len(x),
+        batch_size=config.batch_size,
+        num_steps=config.epochs * steps_per_epoch(len(x), config.batch_size),
+        rng=np.random.Generator(np.random.PCG64(config.seed)),
+        validation=validation, progress=progress, context="supervised training (Adam)",
+    )  # fmt: skip
+    if out.best_state is not None:
+        model.load_state_dict(out.best_state)
+    best = out.best_metric if out.best_state is not None else -1.0
+    return {"train_loss": out.epoch_loss, "val_accuracy": best}
+
+
+def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)

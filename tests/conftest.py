@@ -82,3 +82,75 @@ def server_ctx(server_settings):
     ctx = ServerContext.open(server_settings)
     yield ctx
     ctx.close()
+
+
+# --- waiting on real processes (e2e tests) ---------------------------------------------------
+
+
+@pytest.fixture
+def wait_until():
+    """``wait_until(condition, timeout, what, procs=())``: poll ``condition`` until it returns
+    something truthy and return that; fail naming ``what`` after ``timeout`` seconds, or as
+    soon as one of ``procs`` (``subprocess.Popen``) exits. A bounded poll of a condition, for
+    state that only another process can change (no event crosses the process boundary)."""
+    import time
+
+    def wait(condition, timeout: float, what: str, procs=()):
+        deadline = time.monotonic() + timeout
+        while True:
+            for p in procs:
+                if p.poll() is not None:
+                    pytest.fail(f"process {p.args[:4]} exited with {p.returncode} while waiting for {what}")
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.1)
+
+    return wait
+
+
+@pytest.fixture
+def processes():
+    """A list to append started ``subprocess.Popen`` objects to; each still running at teardown
+    gets SIGTERM, then SIGKILL if it has not exited 20 s later."""
+    import signal
+    import subprocess
+
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process that takes a port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def client(server_ctx):
+    """The REST API of ``server_ctx`` through Starlette's in-process TestClient (real routing,
+    middleware and database; no socket)."""
+    import warnings
+
+    from server.api.main import create_app
+
+    with warnings.catch_warnings():  # starlette warns that its TestClient prefers httpx2
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    return TestClient(create_app(server_ctx), raise_server_exceptions=True)

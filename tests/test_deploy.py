@@ -352,7 +352,7 @@ def _env_sources() -> list[tuple[str, str, set[str]]]:
     """(where, role, EDGELOOP_* names set there)."""
     sources = []
     for name, svc in raw_compose()["services"].items():
-        role = {"server": "server", "agent": "agent"}.get(name)
+        role = {"server": "server", "workers": "server", "agent": "agent"}.get(name)
         names = {k for k in service_env(svc) if k.startswith("EDGELOOP_")}
         if role is None:
             assert not names, f"compose service {name} sets EdgeLoop variables: {names}"
@@ -427,6 +427,20 @@ def test_compose_server_settings_and_ports(host_env: dict[str, str], clean_env) 
     assert (server.get("depends_on") or {}).get("db", {}).get("condition") == "service_healthy"
     assert server["build"]["dockerfile"] == "deploy/Dockerfile.server"
     assert (ROOT / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
+
+
+def test_compose_workers_share_the_server_database_and_blobs(clean_env) -> None:
+    """Worker processes run rounds on the server's database and blob directory, with its model."""
+    compose = load_compose()
+    services = compose["services"]
+    workers, server = services["workers"], services["server"]
+    assert workers["command"] == [console_script_name(), "server", "worker"]
+    assert workers["image"] == server["image"]  # the server image, built by the server service
+    assert service_env(workers) == service_env(server)
+    settings = settings_from_env("server", {**image_env(DOCKERFILES["server"]), **service_env(workers)}, clean_env)
+    assert mounts(workers).get(str(settings.data_dir)) == mounts(server).get(str(settings.data_dir))
+    assert not workers.get("ports"), "a worker serves no API"
+    assert (workers.get("depends_on") or {}).get("server", {}).get("condition") == "service_healthy"
 
 
 def test_compose_db_service() -> None:

@@ -52,6 +52,12 @@ class HealthPublic(BodyOut):
 # --- devices --------------------------------------------------------------------------------
 
 
+class RollbackPublic(BodyOut):
+    model_hash: str = Field(description="The version that was rolled back.")
+    reason: str = Field(description="Why, as the agent said (e.g. its accuracy on the device's labelled inputs).")
+    at_ms: int = Field(description="When the device rolled it back (Unix ms, device clock).")
+
+
 class DeviceStatusPublic(BodyOut):
     """The live part of a device: what its last heartbeat said."""
 
@@ -68,6 +74,12 @@ class DeviceStatusPublic(BodyOut):
     metrics: dict[str, float] = Field(description="Metrics from the last heartbeat (e.g. latency, accuracy).")
     last_error: str = Field(description="The agent's last error message ('' if none).")
     samples_pending: int = Field(description="Samples waiting on the device to be uploaded.")
+    update_state: str = Field(
+        "", description="Update lifecycle state the agent reported: idle, downloading, verifying, installing, "
+        "probation, rolling_back, committed, rolled_back or failed ('' before its first heartbeat).")
+    rollbacks: list[RollbackPublic] = Field(
+        default_factory=list, description="Versions the device rolled back after probation, oldest first "
+        "(at most 32); it will not install them again.")
 
 
 class DevicePublic(DeviceStatusPublic):
@@ -160,6 +172,8 @@ class ModelVersionPublic(BodyOut):
     created_at: UtcDatetime = Field(description="Publish time (UTC).")
     round_id: str | None = Field(description="Round that produced it (null for version 0).")
     fleet_default: bool = Field(description="New devices and cohort-'all' rounds run the newest fleet default.")
+    lineage: str = Field("all", description="Lineage of the round that made it ('all' for version 0): each "
+                         "cohort's chain of versions is a head of its own.")
     reinit_seed: int | None = Field(description="Seed of the fresh initialisation it started from, if any.")
     full_artefact_sha256: str = Field(description="SHA-256 of the full-model artefact bytes.")
     full_artefact_size: int = Field(description="Size of the full-model artefact in bytes.")
@@ -218,6 +232,16 @@ class RoundCreate(BodyIn):
     params: dict[str, Any] = Field(
         default_factory=dict, description="Policy parameters; unknown keys are refused. Stored resolved, defaults filled."
     )
+    data_scope: Literal["cohort", "all"] = Field(
+        "cohort", description="Train on the cohort's devices' samples ('cohort', default) or on every device's ('all'). "
+        "Cohort 'all' always trains on every sample.",
+    )
+
+
+class RoundRollbackPublic(BodyOut):
+    device_id: str = Field(description="Device that rolled the round's version back.")
+    reason: str = Field(description="Why (the agent's probation verdict or load failure).")
+    at_ms: int = Field(description="When (Unix ms, device clock).")
 
 
 class RoundDevicePublic(BodyOut):
@@ -236,6 +260,9 @@ class RoundSummaryPublic(BodyOut):
     reason: str = Field(description="Why it was skipped or failed ('' otherwise).")
     method: str = Field(description="Update policy.")
     cohort: dict[str, Any] = Field(description="Cohort as requested.")
+    lineage: str = Field("all", description="The cohort's lineage: 'all', 'tag:<tag>' or 'devices:<16 hex>'. "
+                         "Rounds of one lineage build on each other and run in order.")
+    data_scope: str = Field("cohort", description="'cohort': trained on the cohort's samples; 'all': on every sample.")
     params: dict[str, Any] = Field(description="Resolved policy parameters.")
     progress: float = Field(description="0..1.")
     progress_message: str = Field(description="Latest progress line from the worker.")
@@ -251,6 +278,8 @@ class RoundSummaryPublic(BodyOut):
 class RoundPublic(RoundSummaryPublic):
     devices: list[RoundDevicePublic] = Field(description="Delivery progress per targeted device.")
     devices_on_version: int = Field(description="Targeted devices that report running the new version.")
+    rollbacks: list[RoundRollbackPublic] = Field(
+        default_factory=list, description="Devices that rolled this round's version back, and why.")
 
 
 class RoundsPublic(BodyOut):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Float,
@@ -14,12 +15,14 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from server.db.base import Base, utcnow
 
 HASH = String(64)  # hex SHA-256
+LINEAGE = String(96)  # "all", "tag:<tag>", "devices:<16 hex>" (server.domain.lineage)
 
 
 class Device(Base):
@@ -43,6 +46,9 @@ class Device(Base):
     state: Mapped[str] = mapped_column(String(32), default="registered")
     last_error: Mapped[str] = mapped_column(Text, default="")
     samples_pending: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Update lifecycle as the agent reports it, and the versions it rolled back (newest last).
+    update_state: Mapped[str] = mapped_column(String(32), default="")
+    rollbacks: Mapped[list] = mapped_column(default=list)
 
 
 class Sample(Base):
@@ -91,11 +97,21 @@ class ModelVersion(Base):
     reinit_seed: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # New devices and cohort "all" rounds run the newest fleet-default version.
     fleet_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The cohort lineage whose round made it; each lineage has its own head.
+    lineage: Mapped[str] = mapped_column(LINEAGE, default="all", index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+_ACTIVE = text("status IN ('training', 'publishing')")
 
 
 class Round(Base):
     __tablename__ = "rounds"
+    # At most one running round per lineage, enforced by the database: rounds of one lineage
+    # build on each other's state and must run in order, whatever the number of workers.
+    __table_args__ = (
+        Index("uq_rounds_active_lineage", "lineage", unique=True, postgresql_where=_ACTIVE, sqlite_where=_ACTIVE),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
@@ -109,6 +125,11 @@ class Round(Base):
     model_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     metrics: Mapped[dict] = mapped_column(default=dict)
     device_ids: Mapped[list] = mapped_column(default=list)  # the cohort, resolved at publish
+    lineage: Mapped[str] = mapped_column(LINEAGE, default="all")
+    data_scope: Mapped[str] = mapped_column(String(16), default="cohort")  # "cohort" | "all"
+    # Which worker process runs it, and when that worker last said it was alive.
+    worker_id: Mapped[str] = mapped_column(String(128), default="")
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -128,4 +149,27 @@ class Delivery(Base):
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
     completed: Mapped[bool] = mapped_column(Boolean, default=False)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PolicyStateRecord(Base):
+    """State an update policy carries from one round of a lineage to the next.
+
+    ``meta`` is the JSON half of :meth:`PolicyState.to_record`, ``tensors_sha256`` the blob
+    of its tensors (one safetensors file). ``generation`` grows by one at every save, so a
+    worker that read generation g can only write g + 1 (optimistic concurrency). A cleared
+    state keeps its row (``meta`` null) so the generation never goes back.
+    """
+
+    __tablename__ = "policy_states"
+    __table_args__ = (UniqueConstraint("lineage", "method", name="uq_policy_states_lineage_method"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    lineage: Mapped[str] = mapped_column(LINEAGE)
+    method: Mapped[str] = mapped_column(String(32))
+    schema: Mapped[int] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer)
+    round_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    meta: Mapped[dict | None] = mapped_column(JSON, nullable=True, default=None)
+    tensors_sha256: Mapped[str | None] = mapped_column(HASH, default=None, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

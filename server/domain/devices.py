@@ -20,6 +20,8 @@ TAG = re.compile(r"^[a-z0-9._-]{1,64}$")
 MAX_TAGS = 32
 MAX_HARDWARE_FACTS = 64
 MAX_METRICS = 128
+MAX_ROLLBACK_REPORTS = 64  # per heartbeat (the agent sends at most 16)
+MAX_ROLLBACKS_KEPT = 32  # per device, newest kept
 
 
 def credential_hash(credential: str) -> str:
@@ -117,7 +119,10 @@ def record_heartbeat(
     state: str,
     last_error: str,
     samples_pending: int,
+    rollbacks: list[dict] | None = None,
 ) -> Device:
+    """Store what a heartbeat reports. ``rollbacks`` ({model_hash, reason, at_ms} each) are
+    merged into the device's history: a report already held is not a new rollback."""
     if len(metrics) > MAX_METRICS or any(len(k) > 64 for k in metrics):
         raise InvalidArgumentError(f"metrics: at most {MAX_METRICS} entries with names <= 64 chars")
     if model_hash and not re.fullmatch(r"[0-9a-f]{64}", model_hash):
@@ -127,10 +132,33 @@ def record_heartbeat(
     device.budget = budget
     device.metrics = {k: float(v) for k, v in metrics.items()}
     device.state = _clip(state, 32, "state")
+    device.update_state = device.state
+    if rollbacks:
+        device.rollbacks = merge_rollbacks(device.rollbacks or [], rollbacks)
     device.last_error = _clip(last_error, 4096, "last_error")
     device.samples_pending = max(0, int(samples_pending))
     device.last_seen_at = utcnow()
     return device
+
+
+def merge_rollbacks(held: list[dict], reported: list[dict]) -> list[dict]:
+    """``held`` plus the validated ``reported`` entries not in it yet, newest last, bounded."""
+    if len(reported) > MAX_ROLLBACK_REPORTS:
+        raise InvalidArgumentError(f"rollbacks: at most {MAX_ROLLBACK_REPORTS} per heartbeat")
+    merged = list(held)
+    seen = {(r.get("model_hash"), r.get("at_ms")) for r in held}
+    for r in reported:
+        model_hash, at_ms = r.get("model_hash", ""), r.get("at_ms")
+        if not re.fullmatch(r"[0-9a-f]{64}", str(model_hash)):
+            raise InvalidArgumentError("rollbacks: model_hash must be 64 lowercase hex characters")
+        if not isinstance(at_ms, int) or at_ms < 0:
+            raise InvalidArgumentError("rollbacks: at_ms must be a non-negative integer")
+        entry = {"model_hash": model_hash, "reason": _clip(str(r.get("reason", "")), 1024, "rollback reason"),
+                 "at_ms": at_ms}
+        if (model_hash, at_ms) not in seen:
+            seen.add((model_hash, at_ms))
+            merged.append(entry)
+    return merged[-MAX_ROLLBACKS_KEPT:]
 
 
 def set_revoked(session: Session, device_id: str, revoked: bool) -> Device:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -160,38 +161,81 @@ def is_validation(sample_hash: str, val_fraction: float) -> bool:
 
 @dataclass(frozen=True)
 class LabelledData:
+    """Labelled samples split into train / validation, and where each came from.
+
+    ``device_ids_*`` and ``tags_*`` are aligned with ``x_train`` / ``x_val``: the id of the
+    device that uploaded the sample and that device's tags when the data was loaded. Data built
+    in code may leave them out; they are then filled with "" and () so their length always
+    matches.
+    """
+
     x_train: np.ndarray
     y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
+    device_ids_train: np.ndarray | None = None
+    device_ids_val: np.ndarray | None = None
+    tags_train: np.ndarray | None = None
+    tags_val: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for split, n in (("train", len(self.y_train)), ("val", len(self.y_val))):
+            if len(getattr(self, f"x_{split}")) != n:
+                raise ValueError(f"x_{split} and y_{split} differ in length")
+            ids, tags = getattr(self, f"device_ids_{split}"), getattr(self, f"tags_{split}")
+            object.__setattr__(self, f"device_ids_{split}", _str_array([""] * n if ids is None else ids))
+            object.__setattr__(self, f"tags_{split}", _tags_array([()] * n if tags is None else tags))
+            if len(getattr(self, f"device_ids_{split}")) != n or len(getattr(self, f"tags_{split}")) != n:
+                raise ValueError(f"device_ids_{split} / tags_{split} must be aligned with x_{split}")
 
     @property
     def total(self) -> int:
         return len(self.y_train) + len(self.y_val)
 
 
-def load_labelled(session: Session, cache: SampleCache, arch: ArchSpec, val_fraction: float) -> LabelledData:
-    """Every labelled sample so far (one copy per distinct content and label), split by hash."""
-    rows = session.execute(
-        select(Sample.sample_id, Sample.label).where(Sample.label.is_not(None)).order_by(Sample.id)
-    ).all()
+def _str_array(values) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.asarray(list(values), dtype=np.str_) if len(values) else np.zeros(0, dtype=np.str_)
+
+
+def _tags_array(values) -> np.ndarray:  # type: ignore[no-untyped-def]
+    out = np.empty(len(values), dtype=object)  # one tuple of tags per sample
+    for i, tags in enumerate(values):
+        out[i] = tuple(tags)
+    return out
+
+
+def load_labelled(
+    session: Session, cache: SampleCache, arch: ArchSpec, val_fraction: float, *,
+    device_ids: Collection[str] | None = None,
+) -> LabelledData:
+    """Labelled samples (one copy per distinct content and label), split by hash: from every
+    device, or only from ``device_ids`` (a round's cohort)."""
+    query = select(Sample.sample_id, Sample.label, Sample.device_id).where(Sample.label.is_not(None))
+    if device_ids is not None:
+        if not device_ids:
+            query = query.where(false())
+        else:
+            query = query.where(Sample.device_id.in_(sorted(set(device_ids))))
+    rows = session.execute(query.order_by(Sample.id)).all()
+    tags_of = {d: tuple(t or ()) for d, t in session.execute(select(Device.id, Device.tags)).all()}
     seen: set[tuple[str, int]] = set()
-    xs_tr, ys_tr, xs_va, ys_va = [], [], [], []
-    for sid, label in rows:
+    split: dict[bool, tuple[list, list, list, list]] = {False: ([], [], [], []), True: ([], [], [], [])}
+    for sid, label, device_id in rows:
         if (sid, label) in seen:
             continue
         seen.add((sid, label))
         x = cache.get(sid)
         if tuple(x.shape) != arch.input_shape:
             continue  # stored under an older architecture
-        if is_validation(sid, val_fraction):
-            xs_va.append(x)
-            ys_va.append(label)
-        else:
-            xs_tr.append(x)
-            ys_tr.append(label)
+        xs, ys, ids, tags = split[is_validation(sid, val_fraction)]
+        xs.append(x)
+        ys.append(label)
+        ids.append(device_id)
+        tags.append(tags_of.get(device_id, ()))
 
     def stack(xs: list[np.ndarray]) -> np.ndarray:
         return np.stack(xs) if xs else np.zeros((0, *arch.input_shape), dtype=np.uint8)
 
-    return LabelledData(stack(xs_tr), np.asarray(ys_tr, dtype=np.int64), stack(xs_va), np.asarray(ys_va, dtype=np.int64))
+    (xt, yt, it, tt), (xv, yv, iv, tv) = split[False], split[True]
+    return LabelledData(stack(xt), np.asarray(yt, dtype=np.int64), stack(xv), np.asarray(yv, dtype=np.int64),
+                        device_ids_train=it, device_ids_val=iv, tags_train=tt, tags_val=tv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from server.db.models import Artefact, ModelVersion
@@ -27,8 +27,12 @@ def get_version(session: Session, model_hash: str) -> ModelVersion:
     return mv
 
 
-def latest_version(session: Session) -> ModelVersion | None:
-    return session.scalars(select(ModelVersion).order_by(ModelVersion.number.desc())).first()
+def latest_version(session: Session, lineage: str | None = None) -> ModelVersion | None:
+    """The newest version of all, or of one lineage (each lineage has its own head)."""
+    q = select(ModelVersion).order_by(ModelVersion.number.desc())
+    if lineage is not None:
+        q = q.where(ModelVersion.lineage == lineage)
+    return session.scalars(q).first()
 
 
 def list_versions(session: Session) -> list[ModelVersion]:
@@ -39,6 +43,17 @@ def load_state(session: Session, blobs: BlobStore, model_hash: str) -> tuple[Arc
     mv = get_version(session, model_hash)
     decoded = decode_artefact(blobs.get(mv.full_artefact_sha256), encoding=FULL_MODEL_ENCODING)
     return ArchSpec.from_json(mv.arch_json), decoded.state
+
+
+PUBLISH_LOCK_KEY = 0x65646765_6C6F6F70 & 0x7FFFFFFFFFFFFFFF  # "edgeloop": one key for every publisher
+
+
+def lock_publishing(session: Session) -> None:
+    """Serialise publishers until this transaction ends, so concurrent workers never pick
+    the same version number. PostgreSQL: a transaction-scoped advisory lock (re-entrant);
+    SQLite has a single writer already."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PUBLISH_LOCK_KEY})
 
 
 def add_artefact(
@@ -65,8 +80,11 @@ def publish_version(
     round_id: str | None = None,
     reinit_seed: int | None = None,
     fleet_default: bool = False,
+    lineage: str = "all",
 ) -> ModelVersion:
-    """Store the full-model artefact and the version row (idempotent on the model hash)."""
+    """Store the full-model artefact and the version row (idempotent on the model hash: a
+    version keeps the lineage that first published it)."""
+    lock_publishing(session)
     data, digest = encode_full_model(arch, state, parent_hash)
     existing = session.get(ModelVersion, digest)
     if existing is not None:
@@ -78,7 +96,7 @@ def publish_version(
     mv = ModelVersion(
         model_hash=digest, number=number, parent_hash=parent_hash, arch_json=arch.to_json(),
         full_artefact_sha256=art.sha256, round_id=round_id, method=method, metrics=metrics,
-        reinit_seed=reinit_seed, fleet_default=fleet_default,
+        reinit_seed=reinit_seed, fleet_default=fleet_default, lineage=lineage,
     )
     session.add(mv)
     session.flush()

@@ -93,6 +93,8 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                 s, device, model_hash=request.model_hash, active_subnet=request.active_subnet, budget=budget,
                 metrics=dict(request.metrics), state=request.state, last_error=request.last_error,
                 samples_pending=request.samples_pending,
+                rollbacks=[{"model_hash": r.model_hash, "reason": r.reason, "at_ms": r.at_ms}
+                           for r in request.rollbacks],
             )
             target = s.get(ModelVersion, device.target_model_hash) if device.target_model_hash else None
             accs = (target.metrics or {}).get("subnet_val_accuracy") if target is not None else None

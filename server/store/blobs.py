@@ -79,6 +79,15 @@ class BlobStore:
         except FileNotFoundError as exc:
             raise BlobNotFoundError(sha256) from exc
 
+    def delete(self, sha256: str) -> bool:
+        """Remove a blob; False if it was not there. Callers delete only after the database
+        row that referenced it is gone and committed, so a crash leaves at worst an orphan."""
+        try:
+            self.path(sha256).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def iter_hashes(self) -> Iterator[str]:
         for sub in sorted(self.root.iterdir()):
             if sub.is_dir():

@@ -1,13 +1,13 @@
-"""Full updating: retrain every weight, from the deployed model or from scratch."""
+"""Full updating: retrain every weight, from the deployed model or from scratch, with the
+objective of the model's family (shared/objectives.py: cross-entropy, DRESS's Alg. 3.1, ...)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from server.training.dress_support import dress_of, train_from_scratch
 from server.training.policy import PolicyParams, RoundInputs, RoundOutcome, UpdatePolicy
 from shared.models import build_model, init_weights_from_seed
-from shared.training import TrainConfig, accuracy, train_supervised
+from shared.objectives import FitSettings, objective_for
 
 
 class FullParams(PolicyParams):
@@ -31,34 +31,28 @@ class FullRetrainPolicy(UpdatePolicy):
         if data.total < p.min_labelled:
             return RoundOutcome(None, {"labelled_samples": data.total},
                                 skip_reason=f"only {data.total} labelled samples (min_labelled={p.min_labelled})")
+        objective = objective_for(inputs.arch)
+        has_val = len(data.y_val) > 0
         model = build_model(inputs.arch)
         base_acc = None
         if inputs.base_state is not None:
             model.load_state_dict(inputs.base_state)
-            base_acc = accuracy(model, data.x_val, data.y_val) if len(data.y_val) else None
+            # An untrained base (e.g. a DRESS version 0) is no reference to beat.
+            if has_val and not objective.needs_full_fit(inputs.base_state):
+                base_acc = objective.evaluate(model, data).val_accuracy
         if p.from_scratch or inputs.base_state is None:
             init_weights_from_seed(model, p.seed)
-        x_val, y_val = (data.x_val, data.y_val) if len(data.y_val) else (None, None)
-        dress = dress_of(inputs.arch)
-        if dress is not None and x_val is not None:
-            # A DRESS fleet: full updating trains the whole DRESS objective (Alg. 3.1).
-            extra = train_from_scratch(model, dress, data, epochs=p.epochs, batch_size=p.batch_size, seed=p.seed,
-                                       progress=inputs.progress)
-            accs = extra["subnet_val_accuracy"]
-            metrics = {"labelled_samples": data.total, "train_samples": len(data.y_train),
-                       "val_samples": len(data.y_val), "val_accuracy": sum(accs) / len(accs),
-                       "subnet_val_accuracy": accs, "base_val_accuracy": None, "variant": "dress-full"}
-            return RoundOutcome(model.state_dict(), metrics, reinit_seed=p.seed if p.from_scratch else None)
-        stats = train_supervised(
-            model, data.x_train, data.y_train,
-            TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, seed=p.seed),
-            x_val=x_val, y_val=y_val, progress=inputs.progress,
-        )
-        val_acc = stats["val_accuracy"] if x_val is not None else None
-        metrics = {
-            "labelled_samples": data.total, "train_samples": len(data.y_train), "val_samples": len(data.y_val),
-            "val_accuracy": val_acc, "base_val_accuracy": base_acc, "train_loss": stats["train_loss"],
-        }
+        settings = FitSettings(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+                               weight_decay=p.weight_decay, seed=p.seed)
+        metrics = {"labelled_samples": data.total, "train_samples": len(data.y_train),
+                   "val_samples": len(data.y_val), "base_val_accuracy": base_acc,
+                   **objective.fit(model, data, settings, inputs.progress)}
+        val_acc = None
+        if has_val:
+            evaluation = objective.evaluate(model, data)
+            val_acc = evaluation.val_accuracy
+            metrics.update(evaluation.details)
+        metrics["val_accuracy"] = val_acc
         if p.skip_if_worse and base_acc is not None and val_acc is not None and val_acc <= base_acc:
             return RoundOutcome(None, metrics, skip_reason=(
                 f"validation accuracy {val_acc:.4f} does not beat the deployed model's {base_acc:.4f}"))

@@ -1,13 +1,20 @@
-"""The trainer seam: an UpdatePolicy turns (deployed model, labelled data, params) into the
-next version, or into a reasoned "skip". The round worker owns everything around it
-(claiming, publishing, delivery); policies are pure compute over tensors."""
+"""The trainer seam: an UpdatePolicy turns (deployed model, labelled data, params, carried
+state) into the next version, or into a reasoned "skip". The round worker owns everything
+around it (claiming, loading and saving carried state in the round's transaction, publishing,
+delivery); policies are pure compute over tensors.
+
+Two orthogonal axes, no family branches:
+- the *objective* (``shared.objectives``, chosen by the model family of ``inputs.arch``) says
+  what is optimised and how a version is evaluated;
+- the *policy* (this module's subclasses) says what ships: the whole model, a DPU diff, ...
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -16,6 +23,7 @@ from server.domain.samples import LabelledData
 from shared.models import ArchSpec
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
+StateDict = dict[str, torch.Tensor]
 
 
 class PolicyParams(BaseModel):
@@ -24,25 +32,45 @@ class PolicyParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PolicyState(ABC):
+    """State a policy carries from one round of a lineage to the next (typed, versioned).
+
+    The worker stores it as one row per (lineage, method) in ``policy_states``: ``meta`` in a
+    JSON column and ``tensors`` as one safetensors blob. ``SCHEMA`` is stored with it; a record
+    written under another schema is refused by :meth:`from_record` (the policy then starts
+    without carried state and says so in the round metrics), never silently misread.
+    """
+
+    SCHEMA: ClassVar[int] = 1
+
+    @abstractmethod
+    def to_record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-able metadata, tensors by name)."""
+
+    @classmethod
+    @abstractmethod
+    def from_record(cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> PolicyState:
+        """Inverse of :meth:`to_record`; raises ValueError on a malformed record."""
+
+
+S = TypeVar("S", bound=PolicyState)
+
+
 @dataclass
-class RoundInputs:
+class RoundInputs(Generic[S]):
     arch: ArchSpec
-    base_state: dict[str, torch.Tensor] | None  # the deployed model (None: nothing deployed)
+    base_state: StateDict | None  # the model the cohort runs (None: nothing deployed)
     base_hash: str | None
+    base_method: str | None  # how the base version was made ("init", "full", "dpu", "reinit")
     data: LabelledData
     params: Any  # an instance of the policy's Params
     progress: ProgressFn
-    # Metrics of the deployed version (plus its "method"): bookkeeping that must survive
-    # restarts, e.g. DPU's data size at the last re-initialisation, travels here.
-    base_metrics: dict[str, Any] = field(default_factory=dict)
-    # Policy-owned state carried between rounds (e.g. DPU's data size at the last
-    # re-initialisation, quantisation residuals); JSON-able values or tensors.
-    carry: dict[str, Any] = field(default_factory=dict)
+    state: S | None = None  # carried state of this policy for this lineage (None: none yet)
 
 
 @dataclass
-class RoundOutcome:
-    state: dict[str, torch.Tensor] | None  # None: ship nothing
+class RoundOutcome(Generic[S]):
+    model: StateDict | None  # None: ship nothing
     metrics: dict[str, Any]
     skip_reason: str | None = None
     reinit_seed: int | None = None
@@ -52,8 +80,10 @@ class RoundOutcome:
     # The model the diff applies to: the deployed model, or (after a re-initialisation) the
     # seeded weights, given as their state so the worker can publish that version too.
     diff_base_hash: str | None = None
-    diff_base_state: dict[str, torch.Tensor] | None = None
-    carry: dict[str, Any] = field(default_factory=dict)
+    diff_base_state: StateDict | None = None
+    # What to carry into the next round of this lineage; also on a skip. None: carry nothing
+    # (the stored record is deleted).
+    state: S | None = None
 
 
 class UpdatePolicy(ABC):
@@ -61,6 +91,7 @@ class UpdatePolicy(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[PolicyParams]]
+    State: ClassVar[type[PolicyState] | None] = None  # None: the policy carries nothing
 
     def parse_params(self, raw: dict[str, Any]) -> PolicyParams:
         return self.Params.model_validate(raw)

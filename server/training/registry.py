@@ -16,7 +16,3 @@ def get_policy(method: str) -> UpdatePolicy:
         return POLICIES[method]
     except KeyError:
         raise InvalidArgumentError(f"unknown method {method!r}; available: {sorted(POLICIES)}") from None
-
-
-def register_policy(policy: UpdatePolicy) -> None:
-    POLICIES[policy.name] = policy

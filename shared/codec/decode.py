@@ -120,11 +120,12 @@ def _parse(data: bytes) -> tuple[RawHeader, list[Entry]]:
             )
         prev = key
         if e.index is not None:
-            e = replace(e, index=_with_offset(e.index, offset))
-            offset += e.index.stored_len
-            if e.index.raw_len > max_raw_len(e, index=True):
+            index = _with_offset(e.index, offset)
+            e = replace(e, index=index)
+            offset += index.stored_len
+            if index.raw_len > max_raw_len(e, index=True):
                 raise LimitError(
-                    f"{r.what}: index section of {e.index.raw_len} bytes is out of bounds"
+                    f"{r.what}: index section of {index.raw_len} bytes is out of bounds"
                 )
         e = replace(e, values=_with_offset(e.values, offset))
         offset += e.values.stored_len
@@ -179,7 +180,7 @@ def size_breakdown(data: bytes) -> dict[str, int]:
     return {
         "header": h.header_len,
         "table": h.table_len,
-        "indices": sum(e.index.stored_len for e in sparse),
+        "indices": sum(e.index.stored_len for e in sparse if e.index is not None),
         "values": sum(e.values.stored_len for e in sparse),
         "dense": sum(e.values.stored_len for e in entries if e.layout != LAYOUT_SPARSE),
         "checksum": CHECKSUM_BYTES,
@@ -205,6 +206,8 @@ def _decode_entry(data: memoryview, e: Entry) -> TensorDelta:
     if e.layout == LAYOUT_SPARSE:
         if e.nnz == 0:
             raise BadTableError(f"{what}: a sparse entry must change at least one element")
+        if e.index is None:  # read_entry gives every sparse entry one; keep the check local
+            raise BadTableError(f"{what}: a sparse entry has no index section")
         sec = e.index
         raw = decompress(data[sec.offset : sec.offset + sec.stored_len], sec, 1, f"{what} indices")
         indices = decode_index(raw, e, f"{what} indices")

@@ -40,7 +40,7 @@ WIRE_DTYPES: tuple[WireDType, ...] = (
 )
 BY_CODE = {d.code: d for d in WIRE_DTYPES}
 BY_TORCH = {d.torch_dtype: d for d in WIRE_DTYPES}
-_UINT = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+_UINT: dict[int, np.dtype] = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def wire_dtype(dtype: torch.dtype, name: str = "") -> WireDType:

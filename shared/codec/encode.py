@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def _best_section(raw: bytes, elem: int, cctx: zstandard.ZstdCompressor) -> tupl
     return Section(comp, len(stored), len(raw)), stored
 
 
-Option = tuple[dict, bytes]  # Entry fields, stored section bytes
+Option = tuple[dict[str, Any], bytes]  # Entry fields, stored section bytes
 
 
 def _value_options(
@@ -73,6 +74,8 @@ def _value_options(
 
 
 def _index_options(d: TensorDelta, cctx: zstandard.ZstdCompressor) -> list[Option]:
+    if d.indices is None:  # a dense delta (every position): only the dense layout carries it
+        return []
     codings = [I_GOLOMB, I_BITMAP]
     if 2 * d.nnz > d.numel:
         codings.append(I_GOLOMB_COMPLEMENT)
@@ -100,7 +103,7 @@ def _encode_delta(
     The dense layout is measured too when at least half the tensor changes, or when the
     tensor is small.
     """
-    common = dict(name=d.name, wd=d.wd, shape=d.shape)
+    common: dict[str, Any] = dict(name=d.name, wd=d.wd, shape=d.shape)
     values = _value_options(d, d.values, cctx)
     candidates = [
         (Entry(layout=LAYOUT_SPARSE, nnz=d.nnz, **common, **idx, **val), idx_stored + stored)

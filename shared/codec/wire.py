@@ -143,6 +143,8 @@ def write_entry(e: Entry) -> bytes:
         out += write_varint(d)
     out.append(e.layout)
     if e.layout == LAYOUT_SPARSE:
+        if e.index_coding is None or e.index is None:
+            raise ValueError(f"tensor {e.name!r}: a sparse entry needs an index coding and section")
         out += write_varint(e.nnz)
         out.append(e.index_coding)
         if e.index_coding in (I_GOLOMB, I_GOLOMB_COMPLEMENT):
@@ -150,6 +152,8 @@ def write_entry(e: Entry) -> bytes:
         _write_section(out, e.index)
     out.append(e.value_coding)
     if e.value_coding in (V_INT8, V_INT8_GOLOMB):
+        if e.scale is None:
+            raise ValueError(f"tensor {e.name!r}: int8 values need a scale")
         out += struct.pack("<f", float(e.scale))
     if e.value_coding == V_INT8_GOLOMB:
         out.append(e.qmin)

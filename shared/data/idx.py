@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-_IDX_DTYPES = {
-    0x08: np.uint8,
-    0x09: np.int8,
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
     0x0C: np.dtype(">i4"),
     0x0D: np.dtype(">f4"),
@@ -43,7 +43,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if ndim == 0 or len(raw) < 4 + 4 * ndim:
         raise IdxFormatError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[code])
+    dtype = _IDX_DTYPES[code]
     count = math.prod(shape)  # Python ints: np.prod would wrap at 2**64 and pass a forged header
     if count > _MAX_IDX_ELEMENTS:
         raise IdxFormatError(f"{path}: IDX header claims {count} elements")

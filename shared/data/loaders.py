@@ -38,7 +38,7 @@ def _to_uint8_levels(x: np.ndarray, max_level: float) -> np.ndarray:
 
 def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
     """Fashion-MNIST from IDX files (60k train, 10k test, 1x28x28 uint8)."""
-    root = Path(root or os.environ.get("EDGELOOP_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    root = Path(root or os.environ.get("EDGELOOP_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
     names = {
         "x_train": "train-images-idx3-ubyte",
         "y_train": "train-labels-idx1-ubyte",

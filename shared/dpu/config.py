@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# One tail rule for every trainer (a trailing one-sample batch joins the previous one), and
+# one divergence error; both live with the shared loop and are re-exported here.
+from shared.loop import TrainingDivergedError as TrainingDivergedError
+from shared.loop import steps_per_epoch as steps_per_epoch
+
 # dpu: Alg. 5.2 (combined contribution, Eq. 5.10); gcpu: Alg. 5.1 (global contribution only);
 # rpu: random mask; magnitude: prune the weights themselves [RFC20]; full: no mask at all.
 METHODS = ("dpu", "gcpu", "rpu", "magnitude", "full")
@@ -14,10 +19,6 @@ REINIT_MODES = ("shadow", "fallback")
 
 class DPUConfigError(ValueError):
     """A DPU configuration or input is invalid; the message names the offending values."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite during a DPU round (lower the learning rate)."""
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,3 @@ class DPUConfig:
         if self.steps is not None:
             return self.steps
         return self.epochs * steps_per_epoch(n_samples, self.batch_size)
-
-
-def steps_per_epoch(n_samples: int, batch_size: int) -> int:
-    # A trailing batch of one sample is merged into the previous one (BatchNorm cannot train
-    # on a single sample), so it does not count as a step.
-    full, rest = divmod(n_samples, batch_size)
-    if rest == 1 and full > 0:
-        return full
-    return full + (1 if rest else 0)

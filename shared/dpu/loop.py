@@ -1,8 +1,12 @@
-"""The optimisation loop both steps of Alg. 5.2 share (and the full-updating baseline)."""
+"""Both steps of Alg. 5.2 (and the full-updating baseline) as one phase on the shared loop.
+
+The loop itself (batching, tail rule, validation, divergence) is :mod:`shared.loop`; this
+module adds DPU's choices: the optimizer, the step-decay schedule alpha^q, the masked
+optimizer of step 2 and the Eq. 5.9 tracking of step 1.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -11,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.dpu.config import DPUConfig, TrainingDivergedError, steps_per_epoch
+from shared.dpu.config import DPUConfig
 from shared.dpu.masked import MaskedOptimizer
 from shared.dpu.selection import accumulate_local_contribution
+from shared.loop import Hooks, LossFn, ProgressFn, Validation, batch_stream, run_loop
 from shared.tensors import to_model_input
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x, y) -> loss
 MetricFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]  # higher is better
-ProgressFn = Callable[[int, int, dict[str, float]], None]  # (step, total, metrics)
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,16 +63,10 @@ def lr_at(config: DPUConfig, step: int, total: int) -> float:
 
 
 def minibatches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled epochs; a trailing single-sample batch joins the previous batch."""
+    """Endless shuffled epochs under the shared tail rule (:func:`shared.loop.epoch_batches`)."""
     rng = np.random.Generator(np.random.PCG64(seed))
-    while True:
-        order = rng.permutation(n)
-        cuts = list(range(0, n, batch_size))
-        if len(cuts) > 1 and n - cuts[-1] == 1:
-            cuts.pop()
-        for i, start in enumerate(cuts):
-            end = cuts[i + 1] if i + 1 < len(cuts) else n
-            yield order[start:end]
+    for _epoch, _last, idx in batch_stream(n, batch_size, rng):
+        yield idx
 
 
 @dataclass
@@ -98,7 +95,8 @@ def train_phase(
     total_steps: int = 0,
     phase: int = 1,
 ) -> PhaseOutcome:
-    """Run Q optimizer steps on ``model`` in place.
+    """Run Q optimizer steps on ``model`` in place (one step of Alg. 5.2) on
+    :func:`shared.loop.run_loop`.
 
     ``partial`` maps names to the partially-updated parameters. With ``masks`` only their masked
     entries move (:class:`MaskedOptimizer`); with ``track_local`` Eq. 5.9 is accumulated for
@@ -107,58 +105,56 @@ def train_phase(
     after the last step) is returned.
     """
     q_total = config.num_steps(len(x))
-    optimizer: torch.optim.Optimizer | MaskedOptimizer = make_optimizer(
-        config, [p for p in model.parameters() if p.requires_grad]
-    )
+    base = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+    optimizer: torch.optim.Optimizer | MaskedOptimizer = base
     if masks is not None:
-        optimizer = MaskedOptimizer(optimizer, [(partial[n], masks[n]) for n in masks])
+        optimizer = MaskedOptimizer(base, [(partial[n], masks[n]) for n in masks])
     c_local = (
         {n: torch.zeros_like(p, dtype=torch.float32) for n, p in partial.items()}
         if track_local
         else {}
     )
-    eval_every = config.eval_every or steps_per_epoch(len(x), config.batch_size)
-    best_metric, best_state, last_loss = -math.inf, None, float("nan")
-    batches = minibatches(len(x), config.batch_size, batch_seed)
-    model.train()
-    for q in range(q_total):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, q, q_total)
-        idx = torch.from_numpy(next(batches)).to(x.device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, x[idx], y[idx])
-        evaluate = validation is not None and ((q + 1) % eval_every == 0 or q + 1 == q_total)
-        if progress is not None or evaluate or q + 1 == q_total:
-            # Reading the loss is a device sync, so it is done only when someone looks at it.
-            last_loss = float(loss.detach())
-            if not math.isfinite(last_loss):
-                raise TrainingDivergedError(
-                    f"loss is {last_loss} at step {q + 1}/{q_total} of phase {phase} "
-                    f"(lr={config.lr}, optimizer={config.optimizer})"
-                )
-        loss.backward()
-        if track_local:
-            before = {n: p.detach().clone() for n, p in partial.items()}
-            grads = {n: p.grad.detach().clone() for n, p in partial.items() if p.grad is not None}
-        optimizer.step()
-        if track_local:
-            deltas = {n: p.detach() - before[n] for n, p in partial.items()}
-            accumulate_local_contribution(c_local, grads, deltas)
-        metrics = {"phase": float(phase), "loss": last_loss}
-        if evaluate:
-            x_val, y_val, metric_fn = validation
-            value = float(metric_fn(model, x_val, y_val))
-            metrics["val_accuracy"] = value
-            if value >= best_metric:  # ties prefer the later, longer-trained checkpoint
-                best_metric = value
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.train()
-        if progress is not None:
-            progress(step_offset + q + 1, total_steps, metrics)
+    hooks = Hooks()
+    if track_local:
+        # Eq. 5.9: -g(w^q) * (w^{q+1} - w^q) summed over the steps, with the gradient taken
+        # before the (masked) optimizer edits it and the change the optimizer actually made.
+        seen: dict[str, dict[str, torch.Tensor]] = {}
+
+        def before(_step: int) -> None:
+            seen["w"] = {n: p.detach().clone() for n, p in partial.items()}
+            seen["g"] = {
+                n: p.grad.detach().clone() for n, p in partial.items() if p.grad is not None
+            }
+
+        def after(_step: int) -> None:
+            deltas = {n: p.detach() - seen["w"][n] for n, p in partial.items()}
+            accumulate_local_contribution(c_local, seen["g"], deltas)
+
+        hooks = Hooks(before_step=before, after_step=after)
+    checks = None
+    if validation is not None:
+        x_val, y_val, metric_fn = validation
+        checks = Validation(lambda m: metric_fn(m, x_val, y_val), every=config.eval_every)
+    index_device = x.device
+
+    def fetch(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.from_numpy(idx).to(index_device)
+        return x[i], y[i]
+
+    out = run_loop(
+        model, optimizer, loss_fn, fetch, len(x),
+        batch_size=config.batch_size, num_steps=q_total,
+        rng=np.random.Generator(np.random.PCG64(batch_seed)),
+        lr_at=lambda q: lr_at(config, q, q_total),
+        validation=checks, hooks=hooks,
+        progress=progress, progress_offset=step_offset, progress_total=total_steps,
+        progress_extra={"phase": float(phase)},
+        context=f"phase {phase} (lr={config.lr}, optimizer={config.optimizer})",
+    )  # fmt: skip
     return PhaseOutcome(
         steps=q_total,
-        last_loss=last_loss,
-        best_metric=best_metric,
-        best_state=best_state,
+        last_loss=out.last_loss,
+        best_metric=out.best_metric,
+        best_state=out.best_state,
         c_local=c_local if track_local else None,
     )

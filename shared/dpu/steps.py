@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.dpu.config import DPUConfig
-from shared.dpu.loop import LossFn, MetricFn, ProgressFn, train_phase
+from shared.dpu.config import DPUConfig, TrainingDivergedError
+from shared.dpu.loop import LossFn, MetricFn, PhaseOutcome, ProgressFn, train_phase
 from shared.dpu.selection import (
     combined_contribution,
     global_contribution,
@@ -61,7 +61,7 @@ def run_candidate(
                           **counter.kwargs(1))  # fmt: skip
         counter.done += out.steps
         mask = {n: torch.ones_like(start[n], dtype=torch.bool) for n in names}
-        return Candidate(clone_state(out.best_state), mask, start, out.best_metric)
+        return Candidate(_kept(out), mask, start, out.best_metric)
 
     # Step 1: full updating (Alg. 5.2 lines 1-6), accumulating Eq. 5.9 for DPU.
     out1 = train_phase(model, x, y, config, loss_fn=loss_fn, partial=partial,
@@ -71,6 +71,7 @@ def run_candidate(
     w_f = {n: p.detach() for n, p in partial.items()}
     start_dev = {n: start[n].to(w_f[n].device) for n in names}
     if config.method == "dpu":
+        assert out1.c_local is not None  # tracked because method == "dpu"
         scores = combined_contribution(out1.c_local, global_contribution(start_dev, w_f))
     elif config.method == "gcpu":
         scores = global_contribution(start_dev, w_f)
@@ -99,4 +100,14 @@ def run_candidate(
     diff_base = start
     if config.method == "magnitude":
         diff_base = {n: torch.zeros_like(t) if n in mask else t for n, t in start.items()}
-    return Candidate(clone_state(out2.best_state), mask, diff_base, out2.best_metric)
+    return Candidate(_kept(out2), mask, diff_base, out2.best_metric)
+
+
+def _kept(out: PhaseOutcome) -> dict[str, torch.Tensor]:
+    """The phase's best-validation checkpoint (CPU); a metric that was NaN at every check
+    leaves none, which is a failed round rather than something to ship."""
+    if out.best_state is None:
+        raise TrainingDivergedError(
+            f"the validation metric was NaN at every check of {out.steps} steps; nothing to keep"
+        )
+    return clone_state(out.best_state)

@@ -4,6 +4,8 @@ Training (Alg. 3.1): :func:`train_dress`, or :func:`dress_loss` / :class:`DressL
 ``loss_fn(model, x, y)`` loop. Sampling (Alg. 3.2, §3.3.2): :func:`row_masks`,
 :func:`allocate_sparsity`. Storage (§3.3.4): :func:`build_dress_tables` -> :class:`DressTables`
 (DRESS-CSR). Inference: :class:`DressRunner`. Costs: :mod:`shared.dress.profiling`.
+In a fleet: the ``dress`` model family (:mod:`shared.dress.family`, found through its entry
+point) and its objective (:mod:`shared.dress.objective`); docs/architecture.md.
 """
 
 from shared.dress.baseline import csr_storage_bytes, global_magnitude_masks, prune_with_rewinding

@@ -32,6 +32,8 @@ RFC20_SCHEDULE = (0.5, 0.8, 0.9, 0.95, 1.0)  # fraction of the target sparsity p
 
 
 class _FixedMask(nn.Module):
+    mask: torch.Tensor
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask)

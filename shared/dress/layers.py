@@ -60,9 +60,16 @@ def sparse_layers(model: nn.Module) -> list[SparseLayer]:
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The dense backbone weight ``w`` of a conv/fc module, also while masks are applied."""
+    weight: torch.Tensor | nn.Module | None = None
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
+        parametrizations = module.parametrizations  # nn.ModuleDict of ParametrizationLists
+        if isinstance(parametrizations, nn.ModuleDict):
+            weight = parametrizations["weight"].original
+    else:
+        weight = module.weight  # (when parametrized this would compute the masked weight)
+    if not isinstance(weight, torch.Tensor):  # nn.Module attributes are typed Tensor | Module
+        raise DressError(f"{type(module).__name__}.weight is not a tensor")
+    return weight
 
 
 def as_rows(weight: torch.Tensor) -> torch.Tensor:

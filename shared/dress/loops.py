@@ -2,7 +2,8 @@
 
 ``sgd_epochs`` is Nesterov SGD with a cosine learning-rate decay restarted on every call (the
 thesis' optimiser, §3.4.1); ``loss_fn(model, x, y)`` decides what is trained, so the same loop
-runs dense pre-training, the DRESS objective, norm fine-tuning and pruned fine-tuning.
+runs dense pre-training, the DRESS objective, norm fine-tuning and pruned fine-tuning. The
+loop itself (batching and its tail rule, divergence, hooks) is :mod:`shared.loop`.
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ from torch import nn
 
 from shared.dress.layers import DressError
 from shared.dress.masks import norm_layers
+from shared.loop import Hooks, LossFn, ProgressFn, epoch_batches, run_loop, steps_per_epoch
 from shared.tensors import to_model_input
-
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class OptimSettings(Protocol):
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    seed: int
+    """What sgd_epochs reads (DressConfig, or any object with these attributes)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def momentum(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
 
 
 class TensorData:
@@ -45,17 +52,26 @@ class TensorData:
     def __len__(self) -> int:
         return len(self.y)
 
+    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The minibatch at ``idx``, inputs scaled by ``to_model_input``."""
+        i = torch.as_tensor(idx, device=self.y.device)
+        return to_model_input(self.x[i]), self.y[i]
+
     def batches(
         self, batch_size: int, rng: np.random.Generator | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = rng.permutation(len(self)) if rng is not None else np.arange(len(self))
-        for i in range(0, len(self), batch_size):
-            idx = torch.as_tensor(order[i : i + batch_size], device=self.y.device)
-            yield to_model_input(self.x[idx]), self.y[idx]
+        """One pass, under the shared tail rule (:func:`shared.loop.epoch_batches`)."""
+        for idx in epoch_batches(len(self), batch_size, rng):
+            yield self.take(idx)
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
+
+
+def cosine_lr(lr: float, steps: int) -> Callable[[int], float]:
+    """Step ``i`` of ``steps`` gets ``lr * (1 + cos(pi i / steps)) / 2`` (decay to 0)."""
+    return lambda i: lr * (0.5 * (1 + math.cos(math.pi * i / steps)))
 
 
 def sgd_epochs(
@@ -68,11 +84,13 @@ def sgd_epochs(
     params: Sequence[torch.nn.Parameter] | None = None,
     end_of_epoch: Callable[[int], None] | None = None,
     seed_offset: int = 0,
+    progress: ProgressFn | None = None,
 ) -> float:
     """``epochs`` passes of Nesterov SGD with a fresh cosine schedule; returns the last mean loss.
 
     Starting the schedule afresh on every call is what "learning-rate rewinding" means for the
     pruning baseline ([RFC20]); DRESS calls it once per stage. ``epochs=0`` does nothing.
+    Batching, the one-sample tail and divergence are :func:`shared.loop.run_loop`'s.
     """
     if epochs <= 0:
         return float("nan")
@@ -83,27 +101,15 @@ def sgd_epochs(
         params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
         weight_decay=config.weight_decay,
     )  # fmt: skip
-    steps = epochs * math.ceil(len(data) / config.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))
-    )
-    rng = np.random.Generator(np.random.PCG64(config.seed + seed_offset))
-    mean_loss = float("nan")
-    for epoch in range(epochs):
-        model.train()
-        total, count = 0.0, 0
-        for xb, yb in data.batches(config.batch_size, rng):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, xb, yb)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(yb)
-            count += len(yb)
-        mean_loss = total / count
-        if end_of_epoch is not None:
-            end_of_epoch(epoch)
-    return mean_loss
+    steps = epochs * steps_per_epoch(len(data), config.batch_size)
+    out = run_loop(
+        model, opt, loss_fn, data.take, len(data),
+        batch_size=config.batch_size, num_steps=steps,
+        rng=np.random.Generator(np.random.PCG64(config.seed + seed_offset)),
+        lr_at=cosine_lr(config.lr, steps), hooks=Hooks(end_of_epoch=end_of_epoch),
+        progress=progress, context="SGD epochs",
+    )  # fmt: skip
+    return out.epoch_loss
 
 
 @torch.no_grad()
@@ -120,7 +126,12 @@ def accuracy_on(model: nn.Module, data: TensorData, batch_size: int = 1024) -> f
 @torch.no_grad()
 def recalibrate_norms(model: nn.Module, data: TensorData, batch_size: int = 256) -> None:
     """Re-estimate every norm layer's running statistics on ``data`` (exact averages over the
-    batches; affine parameters untouched)."""
+    batches; affine parameters untouched).
+
+    One sample has no batch variance (BatchNorm refuses it in training mode), so with fewer
+    than two samples the statistics are left as they are."""
+    if len(data) < 2:
+        return
     norms = list(norm_layers(model).values())
     momenta = [m.momentum for m in norms]
     was_training = model.training

@@ -136,9 +136,9 @@ class DressLoss:
         allocation_mode: str = "global",
         criterion: Criterion | None = None,
     ) -> None:
-        if sparsities is None and allocation is None:
-            raise DressError("DressLoss needs sparsities or an allocation")
         if allocation is None:
+            if sparsities is None:
+                raise DressError("DressLoss needs sparsities or an allocation")
             loss_weights(sparsities, gamma)  # validate early
         self.sparsities = tuple(sparsities) if sparsities is not None else None
         self.gamma = gamma

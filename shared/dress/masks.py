@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from shared.dress.layers import DressError, sparse_layers
+from shared.dress.layers import DressError, dense_weight, sparse_layers
 from shared.dress.sampling import Allocation, row_ranks
 
 NORM_STATE = ("weight", "bias", "running_mean", "running_var")
@@ -23,6 +23,9 @@ NORM_STATE = ("weight", "bias", "running_mean", "running_var")
 
 class DressMask(nn.Module):
     """Parametrization ``w -> w * mask``; ``mask`` (bool) and ``rank`` (int32) are buffers."""
+
+    mask: torch.Tensor
+    rank: torch.Tensor
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -129,7 +132,7 @@ class SubnetMasks:
     def refresh(self) -> None:
         """Recompute row ranks from the current dense weights (keeps the buffers' storage)."""
         for mask, module in zip(self._masks, self._modules, strict=True):
-            w = module.parametrizations.weight.original
+            w = dense_weight(module)
             mask.rank.copy_(row_ranks(w).view(w.shape))
         self.set_subnet(self.active)
 

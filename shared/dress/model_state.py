@@ -18,8 +18,10 @@ rebuilds tables bit-identical to the server's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,8 +29,11 @@ from torch import nn
 from shared.dress.layers import DressError, sparse_layers
 from shared.dress.masks import NORM_STATE, norm_layers
 from shared.dress.sampling import Allocation, check_sparsities, loss_weights
+from shared.dress.tables import DressTables, build_dress_tables
+from shared.models import ArchSpec, build_model
 
-PREFIX = "dress."
+NAME = "dress"  # the ArchSpec.extra key and the sub-module holding the buffers
+PREFIX = NAME + "."
 DEFAULT_GAMMA = 0.5
 
 
@@ -38,17 +43,32 @@ class DressSpec:
     gamma: float = DEFAULT_GAMMA
 
 
-def dress_spec(extra: Mapping | None) -> DressSpec | None:
-    """Parse and validate ``ArchSpec.extra["dress"]``; None for a plain model."""
-    raw = (extra or {}).get("dress")
-    if raw is None:
-        return None
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def parse_section(raw: Any) -> DressSpec:
+    """Parse and validate ``ArchSpec.extra["dress"]`` = ``{"sparsities": [...], "gamma": g}``."""
     if not isinstance(raw, Mapping) or set(raw) - {"sparsities", "gamma"} or "sparsities" not in raw:
         raise DressError('extra["dress"] must be {"sparsities": [...], "gamma": g}')
-    spec = DressSpec(check_sparsities(tuple(float(s) for s in raw["sparsities"])),
-                     float(raw.get("gamma", DEFAULT_GAMMA)))
+    sparsities, gamma = raw["sparsities"], raw.get("gamma", DEFAULT_GAMMA)
+    if isinstance(sparsities, (str, bytes, Mapping)) or not hasattr(sparsities, "__iter__") or not all(
+        _number(v) for v in sparsities
+    ):
+        raise DressError(f'extra["dress"]["sparsities"] must be a list of numbers, got {sparsities!r}')
+    if not _number(gamma):
+        raise DressError(f'extra["dress"]["gamma"] must be a number, got {gamma!r}')
+    spec = DressSpec(check_sparsities(tuple(float(s) for s in sparsities)), float(gamma))
     loss_weights(spec.sparsities, spec.gamma)  # validates gamma
     return spec
+
+
+def spec_of(arch: ArchSpec) -> DressSpec:
+    """The DRESS spec of ``arch``; raises DressError for a model without a DRESS section."""
+    raw = arch.extra.get(NAME)
+    if raw is None:
+        raise DressError("architecture has no extra['dress'] section")
+    return parse_section(raw)
 
 
 class _Node(nn.Module):
@@ -84,8 +104,14 @@ class DressBuffers(nn.Module):
 
 def attach(backbone: nn.Module, spec: DressSpec) -> nn.Module:
     """Add the ``dress`` buffers to a freshly built backbone (in place; returns it)."""
-    backbone.add_module("dress", DressBuffers(backbone, spec))
+    backbone.add_module(NAME, DressBuffers(backbone, spec))
     return backbone
+
+
+def has_allocation(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds a DRESS allocation (False: never DRESS-trained, e.g. version 0,
+    whose allocation is all zeros; such a model runs densely)."""
+    return int(state[PREFIX + "counts"].sum()) != 0
 
 
 def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,7 +121,7 @@ def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def allocation_from_state(model: nn.Module, state: Mapping[str, torch.Tensor], spec: DressSpec) -> Allocation | None:
     """The allocation stored in ``state``, or None while it is still all zeros (untrained)."""
     counts = state[PREFIX + "counts"]
-    if int(counts.sum()) == 0:
+    if not has_allocation(state):
         return None
     layers = sparse_layers(model)
     rows = tuple(layer.rows for layer in layers)
@@ -118,25 +144,22 @@ def norm_states_from_state(model: nn.Module, state: Mapping[str, torch.Tensor], 
 
 
 @torch.no_grad()
-def store_dress_state(model: nn.Module, allocation: Allocation, norm_states: list[Mapping[str, torch.Tensor]] | None) -> None:
+def store_dress_state(model: nn.Module, allocation: Allocation,
+                      norm_states: Sequence[Mapping[str, torch.Tensor]] | None) -> None:
     """Write an allocation and per-subnet norms into ``model.dress`` (in place)."""
-    holder = model.dress
-    holder.counts.copy_(torch.tensor(allocation.counts, dtype=torch.int64))
+    holder = model.get_submodule(NAME)
+    holder.get_buffer("counts").copy_(torch.tensor(allocation.counts, dtype=torch.int64))
     if norm_states is not None:
+        norm = holder.get_submodule("norm")
         for k, ns in enumerate(norm_states):
             for fqn, value in ns.items():
                 name, _, key = fqn.rpartition(".")
-                getattr(_child(holder.norm, f"{k}.{name}"), key).copy_(value)
+                getattr(_child(norm, f"{k}.{name}"), key).copy_(value)
 
 
-def tables_from_state(state: Mapping[str, torch.Tensor], arch) -> object:
+def tables_from_state(state: Mapping[str, torch.Tensor], arch: ArchSpec) -> DressTables:
     """DRESS-CSR tables of a DRESS model state (deterministic: the device's equal the server's)."""
-    from shared.dress.tables import build_dress_tables
-    from shared.models import build_model
-
-    spec = dress_spec(arch.extra)
-    if spec is None:
-        raise DressError("architecture has no extra['dress'] section")
+    spec = spec_of(arch)
     plain = plain_arch(arch)
     with torch.device("meta"):
         template = build_model(plain)
@@ -147,9 +170,7 @@ def tables_from_state(state: Mapping[str, torch.Tensor], arch) -> object:
                               norm_states=norm_states_from_state(template, state, spec))
 
 
-def plain_arch(arch):
+def plain_arch(arch: ArchSpec) -> ArchSpec:
     """The same architecture without the DRESS section (the backbone alone)."""
-    from shared.models import ArchSpec
-
     return ArchSpec(arch.kind, arch.input_shape, arch.num_classes, arch.hidden, arch.channels,
-                    {k: v for k, v in arch.extra.items() if k != "dress"})
+                    {k: v for k, v in arch.extra.items() if k != NAME})

@@ -38,6 +38,19 @@ class Op:
     offsets: torch.Tensor | None = None  # int32 bag starts 0, n, 2n, ... for embedding_bag
     in_shape: tuple[int, int, int] = (0, 0, 0)  # (C, H, W) of a conv's input
 
+    @property
+    def table(self) -> LayerTable:
+        """The layer table of a conv/fc op (pool and flatten ops have none)."""
+        if self.layer is None:
+            raise DressError(f"a {self.kind} op has no layer table")
+        return self.layer
+
+    def active(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(index, value, offsets) of the active subnet, which DressRunner.set_subnet fills."""
+        if self.index is None or self.value is None or self.offsets is None:
+            raise DressError(f"the {self.kind} op has no active subnet (call set_subnet)")
+        return self.index, self.value, self.offsets
+
 
 def compile_plan(tables: DressTables) -> list[Op]:
     """Turn the spec's module sequence into ops; refuses layers the kernels do not cover."""
@@ -85,21 +98,21 @@ def compile_plan(tables: DressTables) -> list[Op]:
     shape = tuple(tables.spec.input_shape)
     for op in ops:  # static shape propagation
         if op.kind == "conv":
-            if len(shape) != 3 or shape[0] * op.kernel**2 != op.layer.row_size:
-                raise DressError(f"conv {op.layer.name!r} does not fit input shape {shape}")
+            if len(shape) != 3 or shape[0] * op.kernel**2 != op.table.row_size:
+                raise DressError(f"conv {op.table.name!r} does not fit input shape {shape}")
             op.in_shape = shape
-            shape = (op.layer.rows, shape[1], shape[2])
+            shape = (op.table.rows, shape[1], shape[2])
         elif op.kind == "pool":
             k, s = op.pool
             shape = (shape[0], (shape[1] - k) // s + 1, (shape[2] - k) // s + 1)
         elif op.kind == "flatten":
             shape = (math.prod(shape),)
         elif op.kind == "fc":
-            if shape != (op.layer.row_size,):
+            if shape != (op.table.row_size,):
                 raise DressError(
-                    f"fc {op.layer.name!r} needs {op.layer.row_size} inputs, gets {shape}"
+                    f"fc {op.table.name!r} needs {op.table.row_size} inputs, gets {shape}"
                 )
-            shape = (op.layer.rows,)
+            shape = (op.table.rows,)
     if shape != (tables.spec.num_classes,) or not ops or ops[-1].kind != "fc":
         raise DressError(f"network must end in an fc layer with {tables.spec.num_classes} outputs")
     return ops

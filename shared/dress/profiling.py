@@ -38,9 +38,9 @@ def _layer_positions(tables: DressTables) -> dict[str, int]:
     positions = {}
     for op in compile_plan(tables):
         if op.kind == "conv":
-            positions[op.layer.name] = op.in_shape[1] * op.in_shape[2]
+            positions[op.table.name] = op.in_shape[1] * op.in_shape[2]
         elif op.kind == "fc":
-            positions[op.layer.name] = 1
+            positions[op.table.name] = 1
     return positions
 
 

@@ -80,8 +80,8 @@ class DressRunner(nn.Module):
         for op in self._ops:
             if op.kind not in ("conv", "fc"):
                 continue
-            if op.norm is not None and tables.bias(op.layer.name) is not None:
-                op.bias_shift = torch.empty(op.layer.rows, dtype=self._dtype)
+            if op.norm is not None and tables.bias(op.table.name) is not None:
+                op.bias_shift = torch.empty(op.table.rows, dtype=self._dtype)
         if max_batch < 1:
             raise DressError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
@@ -103,13 +103,13 @@ class DressRunner(nn.Module):
         for op in self._ops:
             if op.kind not in ("conv", "fc"):
                 continue
-            n, g = op.layer.counts[k], op.layer.rows
+            n, g = op.table.counts[k], op.table.rows
             op.count = n
-            op.dense = n > self.dense_above[op.kind] * op.layer.row_size
-            op.index = t.index(op.layer.name)[:, :n]
-            op.value = t.value(op.layer.name)[:, :n]
+            op.dense = n > self.dense_above[op.kind] * op.table.row_size
+            op.index = t.index(op.table.name)[:, :n]
+            op.value = t.value(op.table.name)[:, :n]
             op.offsets = torch.arange(0, g * n, n, dtype=torch.int32)
-            bias = t.bias(op.layer.name)
+            bias = t.bias(op.table.name)
             if op.norm is None:
                 op.shift = bias  # a view of the table, or None
                 continue
@@ -131,7 +131,7 @@ class DressRunner(nn.Module):
         scratch = _Scratch(batch)
         convs = [(i, op) for i, op in enumerate(self._ops) if op.kind == "conv"]
         sizes = [
-            op.layer.row_size * batch * op.in_shape[1] * (op.in_shape[2] + op.kernel - 1)
+            op.table.row_size * batch * op.in_shape[1] * (op.in_shape[2] + op.kernel - 1)
             for _, op in convs
         ]
         cols = torch.empty(max(sizes, default=0), dtype=self._dtype)  # im2col, shared by all convs
@@ -160,10 +160,11 @@ class DressRunner(nn.Module):
         if self._weight_scratch is None:
             size = max(t.rows * t.row_size for t in self.tables.layers)
             self._weight_scratch = torch.empty(size, dtype=self._dtype)
-        g, n = op.layer.rows, op.layer.row_size
+        g, n = op.table.rows, op.table.row_size
+        index, value, _ = op.active()
         w = self._weight_scratch[: g * n].view(g, n)
         w.zero_()
-        return w.scatter_(1, op.index.to(torch.int64), op.value)
+        return w.scatter_(1, index.to(torch.int64), value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.tables.spec
@@ -214,10 +215,10 @@ class DressRunner(nn.Module):
         batch: int,
         dst: torch.Tensor | None,
     ) -> torch.Tensor:
-        g = op.layer.rows
+        g = op.table.rows
         c, h, w = op.in_shape
         if op.dense:
-            weight = self._masked_weight(op).view(op.layer.shape)
+            weight = self._masked_weight(op).view(op.table.shape)
             raw = F.conv2d(plane.transpose(0, 1), weight)  # (B, G, H, W)
             self._affine(op, raw, (1, g, 1, 1), scaled=False)
             return self._activate(op, raw, raw.transpose(0, 1), dst)
@@ -232,15 +233,16 @@ class DressRunner(nn.Module):
         gather-multiply-accumulate (``embedding_bag``, sum mode, per-sample weights). The
         per-sample weights need a contiguous copy of the value prefix anyway, so the folded
         norm scale is applied in that same pass when ``fold_scale``."""
-        index = op.index.to(torch.int32, memory_format=torch.contiguous_format).view(-1)
+        index, value, offsets = op.active()
+        index = index.to(torch.int32, memory_format=torch.contiguous_format).view(-1)
         if fold_scale and op.scale is not None:
-            weights = torch.mul(op.value, op.scale.view(-1, 1)).view(-1)
+            weights = torch.mul(value, op.scale.view(-1, 1)).view(-1)
         else:
-            weights = op.value.reshape(-1)
+            weights = value.reshape(-1)
         # Positional args: scale_grad_by_freq, mode (0 = sum), sparse, per_sample_weights,
         # include_last_offset, padding_idx (None: no padding row; -1 would mean the last row).
         out, *_ = torch.embedding_bag(
-            rows, index, op.offsets, False, 0, False, weights, False, None
+            rows, index, offsets, False, 0, False, weights, False, None
         )
         return out
 
@@ -287,15 +289,16 @@ class DressRunner(nn.Module):
         return dst if dst is not None else out
 
     def _fc(self, op: Op, x: torch.Tensor, batch: int) -> torch.Tensor:
-        g = op.layer.rows
+        g = op.table.rows
         scaled = False
         if op.dense:
             out = torch.mm(self._masked_weight(op), x)  # (G, B)
         elif batch == 1:  # gather + row-wise dot beats embedding_bag on 1-float rows
             n = op.count
-            index = torch.empty(g, n, dtype=torch.int32).copy_(op.index)
+            active_index, value, _ = op.active()
+            index = torch.empty(g, n, dtype=torch.int32).copy_(active_index)
             gathered = x.view(-1).index_select(0, index.view(-1)).view(g, n)
-            out = torch.mul(gathered, op.value).sum(1, keepdim=True)  # (G, 1)
+            out = torch.mul(gathered, value).sum(1, keepdim=True)  # (G, 1)
         else:
             out = self._bags(op, x, fold_scale=True)  # (G, B)
             scaled = True
@@ -312,7 +315,7 @@ class DressRunner(nn.Module):
         """
         item = torch.empty(0, dtype=self._dtype).element_size()
         tables = sum(t.numel() * t.element_size() for t in self.tables.tensors.values())
-        folded = sum(op.layer.rows * item for op in self._ops if op.bias_shift is not None)
+        folded = sum(op.table.rows * item for op in self._ops if op.bias_shift is not None)
         planes, cols, transient = 0, 0, 0
         weight = max(t.rows * t.row_size for t in self.tables.layers) * item
         for op in self._ops:
@@ -321,12 +324,12 @@ class DressRunner(nn.Module):
                 k = op.kernel
                 planes += (c * batch * (h + k - 1) + 1) * (w + k - 1) * item
                 cols = max(cols, c * k * k * batch * h * (w + k - 1) * item)
-                out = op.layer.rows * batch * h * (w + k - 1) * item
+                out = op.table.rows * batch * h * (w + k - 1) * item
             elif op.kind == "fc":
-                out = op.layer.rows * batch * item + op.layer.row_size * batch * item
+                out = op.table.rows * batch * item + op.table.row_size * batch * item
             else:
                 continue
-            copies = op.layer.rows * op.layer.counts[0] * (4 + item)  # int32 index + values
+            copies = op.table.rows * op.table.counts[0] * (4 + item)  # int32 index + values
             transient = max(transient, out + copies)
         scratch = planes + cols + weight
         return {

@@ -302,12 +302,12 @@ def validate_tables(tables: DressTables) -> None:
     for n in tables.norms:
         rows = tables.num_subnets if n.per_subnet else 1
         for key in NORM_KEYS:
-            t = tables.tensors.get(f"{n.name}.{key}")
-            if t is None or tuple(t.shape) != (rows, n.channels) or not t.is_floating_point():
+            nt = tables.tensors.get(f"{n.name}.{key}")
+            if nt is None or tuple(nt.shape) != (rows, n.channels) or not nt.is_floating_point():
                 raise DressError(
                     f"norm {n.name!r}: {key} must be a float ({rows}, {n.channels}) tensor"
                 )
-            if not torch.isfinite(t).all():
+            if not torch.isfinite(nt).all():
                 raise DressError(f"norm {n.name!r}: {key} contains NaN or infinity")
             expected_keys.add(f"{n.name}.{key}")
         if not n.eps > 0:
@@ -323,12 +323,12 @@ def subnet_tables(tables: DressTables, k: int) -> DressTables:
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for t in tables.layers:
-        n = t.counts[k]
-        tensors[f"{t.name}.index"] = tables.index(t.name)[:, :n].contiguous()
-        tensors[f"{t.name}.value"] = tables.value(t.name)[:, :n].contiguous()
-        if t.has_bias:
-            tensors[f"{t.name}.bias"] = tables.bias(t.name).clone()
-        layers.append(LayerTable(t.name, t.kind, t.shape, (n,), t.has_bias))
+        count = t.counts[k]
+        tensors[f"{t.name}.index"] = tables.index(t.name)[:, :count].contiguous()
+        tensors[f"{t.name}.value"] = tables.value(t.name)[:, :count].contiguous()
+        if (bias := tables.bias(t.name)) is not None:
+            tensors[f"{t.name}.bias"] = bias.clone()
+        layers.append(LayerTable(t.name, t.kind, t.shape, (count,), t.has_bias))
     for n in tables.norms:
         for key in NORM_KEYS:
             tensors[f"{n.name}.{key}"] = tables.norm(n.name, key, k).unsqueeze(0).clone()
@@ -343,13 +343,13 @@ def subnet_state_dict(tables: DressTables, k: int) -> dict[str, torch.Tensor]:
     _check_k(tables, k)
     state: dict[str, torch.Tensor] = {}
     for t in tables.layers:
-        n = t.counts[k]
+        count = t.counts[k]
         val = tables.value(t.name)
         dense = torch.zeros(t.rows, t.row_size, dtype=val.dtype)
-        dense.scatter_(1, tables.index(t.name)[:, :n].to(torch.int64), val[:, :n])
+        dense.scatter_(1, tables.index(t.name)[:, :count].to(torch.int64), val[:, :count])
         state[f"{t.name}.weight"] = dense.view(t.shape)
-        if t.has_bias:
-            state[f"{t.name}.bias"] = tables.bias(t.name).clone()
+        if (bias := tables.bias(t.name)) is not None:
+            state[f"{t.name}.bias"] = bias.clone()
     for n in tables.norms:
         # The folded norm as a BN layer: mean 0 and var 1 - eps give (z - 0) / sqrt(1) exactly
         # in float32 for the usual eps, so the layer computes scale * z + shift.

@@ -81,6 +81,16 @@ class DressResult:
     history: list[dict[str, object]] = field(default_factory=list)
 
 
+@dataclass
+class _Stage2:
+    """Alg. 3.1 stage-2 bookkeeping across epochs: the current allocation and the best epoch."""
+
+    alloc: Allocation
+    best: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    best_alloc: Allocation | None = None
+
+
 def evaluate_subnets(
     model: nn.Module,
     allocation: Allocation,
@@ -191,30 +201,27 @@ def train_dress(
         weights = {k: w.detach() for k, w in backbone_weights(model).items()}
         return allocate_sparsity(weights, config.sparsities, config.allocation)
 
-    state = {"alloc": current_allocation(), "best": -1.0, "best_state": None, "best_alloc": None}
+    state = _Stage2(alloc=current_allocation())
     # The thesis does not say which norm statistics stage-2 validation uses. Running statistics
     # shared by K subnets fit none of them (sparse subnets lose 20-30 points on a small CNN until
     # §3.3.5 fixes it), which would make line 14's "higher average accuracy" test mostly noise;
     # so each subnet is validated with statistics re-estimated on a fixed training subset.
-    calib_idx = np.random.Generator(np.random.PCG64(config.seed)).permutation(len(train))[
-        :CALIBRATION_SAMPLES
-    ]
-    calib_idx = torch.as_tensor(calib_idx, device=train.y.device)
+    calib_order = np.random.Generator(np.random.PCG64(config.seed)).permutation(len(train))
+    calib_idx = torch.as_tensor(calib_order[:CALIBRATION_SAMPLES], device=train.y.device)
     calibration = TensorData(train.x[calib_idx], train.y[calib_idx], device)
 
     def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return dress_loss(m, xb, yb, gamma=config.gamma, allocation=state["alloc"])
+        return dress_loss(m, xb, yb, gamma=config.gamma, allocation=state.alloc)
 
     def end_of_epoch(epoch: int) -> None:
-        accs = evaluate_subnets(model, state["alloc"], val, calibration=calibration)
+        accs = evaluate_subnets(model, state.alloc, val, calibration=calibration)
         avg = sum(accs) / len(accs)
-        improved = avg > state["best"]
+        improved = avg > state.best  # Alg. 3.1 line 14: strictly higher, else re-allocate
         if improved:
-            state.update(
-                best=avg, best_state=clone_state(model.state_dict()), best_alloc=state["alloc"]
-            )
+            state.best, state.best_state = avg, clone_state(model.state_dict())
+            state.best_alloc = state.alloc
         else:
-            state["alloc"] = current_allocation()
+            state.alloc = current_allocation()
         history.append(
             {"stage": "dress", "epoch": epoch, "val_accuracy": accs, "reallocated": not improved}
         )
@@ -223,8 +230,9 @@ def train_dress(
     sgd_epochs(
         model, loss_fn, train, config.epochs, config, end_of_epoch=end_of_epoch, seed_offset=1
     )
-    model.load_state_dict(state["best_state"])
-    allocation: Allocation = state["best_alloc"]
+    assert state.best_state is not None and state.best_alloc is not None  # epochs >= 1
+    model.load_state_dict(state.best_state)
+    allocation = state.best_alloc
     norm_states = None
     if norm_layers(model):  # with norm_epochs=0 this only re-estimates statistics per subnet
         norm_states = finetune_norms(model, allocation, train, config, calibration)

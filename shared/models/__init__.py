@@ -1,7 +1,21 @@
-"""Model architectures, their JSON spec, and seeded initialisation."""
+"""Model architectures, their JSON spec, seeded initialisation, and the model-family registry."""
 
+from shared.models.families import (
+    FamilyError,
+    ModelFamily,
+    UnknownFamilyError,
+    families_of,
+    get_family,
+    inference_engine,
+    installed_families,
+    register_family,
+)
 from shared.models.init import init_weights_from_seed
 from shared.models.spec import KINDS, ArchSpec, default_spec
 from shared.models.zoo import MLP, SmallCNN, build_model
 
-__all__ = ["KINDS", "MLP", "ArchSpec", "SmallCNN", "build_model", "default_spec", "init_weights_from_seed"]
+__all__ = [
+    "KINDS", "MLP", "ArchSpec", "FamilyError", "ModelFamily", "SmallCNN", "UnknownFamilyError",
+    "build_model", "default_spec", "families_of", "get_family", "inference_engine",
+    "init_weights_from_seed", "installed_families", "register_family",
+]  # fmt: skip

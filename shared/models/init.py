@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.models.families import families_of
+
 
 def _fan_in(shape: torch.Size) -> int:
     return int(shape[1] * math.prod(shape[2:])) if len(shape) >= 2 else int(shape[0])
@@ -36,19 +38,23 @@ def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
     Each tensor draws from its own stream, keyed by the seed and the tensor's name
     (``SeedSequence(seed, spawn_key=sha256(name))``), so the values depend neither on the order
     in which a module happens to list its tensors (reparametrizing a weight, e.g. for pruning
-    masks, moves it after its bias) nor on which other layers exist. Returns ``model``
-    (modified in place).
+    masks, moves it after its bias) nor on which other layers exist. Tensors owned by a model
+    family of ``model.arch_spec`` are left to that family's ``init_from_seed``, which runs
+    afterwards. Returns ``model`` (modified in place).
     """
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+    arch = getattr(model, "arch_spec", None)  # set by build_model
+    families = families_of(arch) if arch is not None else []
     state = model.state_dict()
     modules = dict(model.named_modules())
     for name, tensor in state.items():
+        if any(family.owns(name) for family, _ in families):
+            continue  # the family initialises its own tensors below
         stream = _stream(seed, name)
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
-        # DRESS per-subnet norms (shared/dress/model_state.py) start like the norm layers.
-        if isinstance(owner, nn.modules.batchnorm._NormBase) or name.startswith("dress."):
+        if isinstance(owner, nn.modules.batchnorm._NormBase):
             fill = {"weight": 1.0, "running_var": 1.0}.get(leaf, 0.0)
             tensor.fill_(fill)
             continue
@@ -64,4 +70,6 @@ def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
         u = np.random.Generator(np.random.PCG64(stream)).random(tensor.numel())  # [0, 1) float64
         values = ((2.0 * u - 1.0) * bound).astype(np.float32).reshape(tuple(tensor.shape))
         tensor.copy_(torch.from_numpy(values))
+    for family, spec in families:
+        family.init_from_seed(model, spec, seed)
     return model

@@ -7,6 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from shared.models.families import parse_families
+
 KINDS = ("mlp", "cnn")
 _MAX_WIDTH = 1 << 16
 
@@ -19,6 +21,8 @@ class ArchSpec:
     DPU MLP is ``hidden=(512, 512)`` on 784 inputs).
     ``cnn``: per entry of ``channels`` a stage of two conv3x3-BN-ReLU blocks and a 2x2 max-pool
     (a VGG-small scaled to 28x28), then Linear/BN/ReLU per ``hidden`` width, then the classifier.
+    ``extra``: one section per model family extending the backbone (``{"dress": {...}}``);
+    empty for a plain model.
     """
 
     kind: str
@@ -50,12 +54,8 @@ class ArchSpec:
         for name, widths in (("hidden", self.hidden), ("channels", self.channels)):
             if any(w < 1 or w > _MAX_WIDTH for w in widths):
                 raise ValueError(f"{name} widths must lie in [1, {_MAX_WIDTH}], got {widths}")
-        if not isinstance(self.extra, dict):
+        if not isinstance(self.extra, dict) or not all(isinstance(k, str) for k in self.extra):
             raise ValueError("extra must be a JSON object")
-        if self.extra.get("dress") is not None:
-            from shared.dress.model_state import dress_spec
-
-            dress_spec(self.extra)  # raises DressError (a ValueError) naming the problem
         if self.kind == "cnn":
             if len(self.input_shape) != 3:
                 raise ValueError(f"cnn needs input_shape (C, H, W), got {self.input_shape}")
@@ -66,6 +66,9 @@ class ArchSpec:
                 raise ValueError(
                     f"{len(self.channels)} pooling stages shrink {h}x{w} inputs to nothing"
                 )
+        # Each section belongs to a model family (shared/models/families.py), which validates
+        # it; an unknown key names the installed families.
+        parse_families(self.extra)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no whitespace): equal specs give equal strings."""

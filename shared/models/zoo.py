@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from shared.models.families import families_of
 from shared.models.spec import ArchSpec
 
 
@@ -52,16 +53,16 @@ class SmallCNN(nn.Module):
 def build_model(spec: ArchSpec) -> nn.Module:
     """An untrained module for ``spec`` (weights from torch's default init; see init.py).
 
-    With ``spec.extra["dress"]`` the module also carries the DRESS allocation and per-subnet
-    norms as buffers (shared/dress/model_state.py); its forward pass is the dense backbone."""
+    Each model family named in ``spec.extra`` attaches what it adds to the backbone
+    (shared/models/families.py; e.g. DRESS's allocation and per-subnet norm buffers). The
+    module keeps its spec as ``model.arch_spec``, which seeded initialisation reads."""
     if spec.kind == "mlp":
         model: nn.Module = MLP(spec)
     elif spec.kind == "cnn":
         model = SmallCNN(spec)
     else:
         raise ValueError(f"unknown model kind {spec.kind!r}")
-    if spec.extra.get("dress") is not None:
-        from shared.dress.model_state import attach, dress_spec
-
-        attach(model, dress_spec(spec.extra))
+    for family, section in families_of(spec):
+        model = family.attach(model, spec, section)
+    object.__setattr__(model, "arch_spec", spec)  # a plain attribute, not in the state dict
     return model

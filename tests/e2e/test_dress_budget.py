@@ -12,8 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,26 +22,6 @@ import pytest
 
 SPARSITIES = "0.5,0.8,0.9,0.95"
 SAMPLES = 400
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _until(fn, timeout: float, what: str, procs=()):
-    """Poll ``fn`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in procs:
-            assert p.poll() is None, (
-                f"process {p.args[:4]} exited with {p.returncode} while waiting for {what}")
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def _agent_http(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -57,22 +35,9 @@ def _agent_http(port: int, method: str, path: str, body: dict | None = None) -> 
         conn.close()
 
 
-@pytest.fixture
-def processes():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processes) -> None:
+def test_budget_put_switches_the_subnet_the_server_sees(
+    tmp_path: Path, processes, wait_until, free_port
+) -> None:
     python = [sys.executable, "-m", "edgeloop"]
     ready = tmp_path / "server.ready.json"
     server_env = {**os.environ, "EDGELOOP_MODEL_KIND": "mlp", "EDGELOOP_INPUT_SHAPE": "1,8,8",
@@ -83,10 +48,10 @@ def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processe
          "--grpc-port", "0", "--ready-file", str(ready)],
         env=server_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
     processes.append(server)
-    _until(ready.exists, 60, "the server to start", [server])
+    wait_until(ready.exists, 60, "the server to start", [server])
     ports = json.loads(ready.read_text())
 
-    status_port = _free_port()
+    status_port = free_port
     agent_env = {**os.environ, "EDGELOOP_AGENT_BATTERY": "false",
                  "EDGELOOP_AGENT_LOAD_BUDGET": "false",
                  "EDGELOOP_AGENT_GOVERNOR_INTERVAL_S": "0.2", "EDGELOOP_AGENT_PROFILE_REPS": "20"}
@@ -99,8 +64,8 @@ def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processe
     procs = [server, agent]
 
     with httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30) as api:
-        _until(lambda: api.get("/samples/counts").json()["labelled"] >= SAMPLES, 60,
-               "the agent's labelled samples", procs)
+        wait_until(lambda: api.get("/samples/counts").json()["labelled"] >= SAMPLES, 60,
+                   "the agent's labelled samples", procs)
         device = api.get("/devices").json()["data"][0]
         assert device["active_subnet"] == -1  # version 0 is not DRESS-trained: dense
         device_id = device["id"]
@@ -109,9 +74,9 @@ def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processe
                                       "params": {"epochs": 2, "batch_size": 64}})
         assert r.status_code < 400, r.text
         round_id = r.json()["id"]
-        report = _until(lambda: (lambda rep: rep if rep["status"] in ("done", "failed", "skipped")
-                                 else None)(api.get(f"/rounds/{round_id}").json()),
-                        90, "the DRESS round", procs)
+        report = wait_until(lambda: (lambda rep: rep if rep["status"] in ("done", "failed", "skipped")
+                                     else None)(api.get(f"/rounds/{round_id}").json()),
+                            90, "the DRESS round", procs)
         assert report["status"] == "done", report.get("reason")
         assert len(report["metrics"]["subnet_val_accuracy"]) == 4
 
@@ -122,8 +87,8 @@ def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processe
         # so the most accurate subnet runs (the densest among equals).
         accs = report["metrics"]["subnet_val_accuracy"]
         best = max(range(len(accs)), key=lambda k: (accs[k], -k))
-        _until(lambda: (d := device_view())["model_hash"] == report["model_hash"]
-               and d["active_subnet"] == best, 30, f"the agent on subnet {best} of version 1", procs)
+        wait_until(lambda: (d := device_view())["model_hash"] == report["model_hash"]
+                   and d["active_subnet"] == best, 30, f"the agent on subnet {best} of version 1", procs)
 
         code, status = _agent_http(status_port, "GET", "/status")
         assert code == 200 and status["model_hash"] == report["model_hash"]
@@ -135,8 +100,8 @@ def test_budget_put_switches_the_subnet_the_server_sees(tmp_path: Path, processe
         code, body = _agent_http(status_port, "PUT", "/budget", {"energy_mj": limit})
         assert code == 200 and body["energy_mj"] == pytest.approx(limit)
         t0 = time.monotonic()
-        view = _until(lambda: (d := device_view())["active_subnet"] == 3 and d, 10,
-                      "the server to see subnet 3", procs)
+        view = wait_until(lambda: (d := device_view())["active_subnet"] == 3 and d, 10,
+                          "the server to see subnet 3", procs)
         waited = time.monotonic() - t0
         assert view["budget"]["energy_mj"] == pytest.approx(limit)
         assert view["metrics"]["budget_fits"] == 1.0

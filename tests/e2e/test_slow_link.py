@@ -20,17 +20,21 @@ from tests.e2e.netns import create_link, destroy_link, netns_supported
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not netns_supported(), reason="needs root, ip and tc")]
 
 
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+OUTAGE_S = 3.0  # the stimulus: a link outage well inside TCP's retransmission give-up time
 
 
-def test_agent_resumes_download_after_link_cut(tmp_path: Path) -> None:
+def _part_bytes(agent_dir: Path) -> int:
+    """Bytes of the artefact the agent has received so far (its ``*.part`` download files)."""
+    total = 0
+    for part in agent_dir.rglob("*.part"):
+        try:
+            total += part.stat().st_size
+        except FileNotFoundError:  # finalised (renamed) between listing and stat
+            pass
+    return total
+
+
+def test_agent_resumes_download_after_link_cut(tmp_path: Path, wait_until) -> None:
     link = create_link(rate="3mbit")
     server = agent = None
     try:
@@ -45,7 +49,7 @@ def test_agent_resumes_download_after_link_cut(tmp_path: Path) -> None:
                  "--rest-port", str(rest_port), "--grpc-port", str(grpc_port), "--ready-file", str(ready)], env=env)
 
         server = start_server()
-        ports = _wait(lambda: ready.exists() and json.loads(ready.read_text()), 60, "server")
+        ports = wait_until(lambda: ready.exists() and json.loads(ready.read_text()), 60, "server")
         agent_log = tmp_path / "agent.log"
         with agent_log.open("wb") as log_fh:
             agent = subprocess.Popen(
@@ -55,27 +59,29 @@ def test_agent_resumes_download_after_link_cut(tmp_path: Path) -> None:
                 stdout=log_fh, stderr=subprocess.STDOUT,
                 env={**os.environ, "EDGELOOP_AGENT_BACKOFF_MAX_S": "2", "EDGELOOP_AGENT_CHUNK_BYTES": "65536"})
         # Version 0 (2.7 MB at 3 Mbit/s takes ~7 s): break things while it downloads.
-        _wait(lambda: b"downloading" in agent_log.read_bytes(), 60, "the download to start")
-        time.sleep(1.5)
+        agent_dir = tmp_path / "agent"
+        wait_until(lambda: _part_bytes(agent_dir) > 0, 60, "the first bytes of version 0", [agent])
         link.set_up(False)  # a short outage: TCP rides it out
-        time.sleep(3.0)
+        cut_at = _part_bytes(agent_dir)
+        time.sleep(OUTAGE_S)
         link.set_up(True)
-        time.sleep(1.0)
+        wait_until(lambda: _part_bytes(agent_dir) > cut_at, 60,
+                   "the download to go on after the outage", [agent])
         server.kill()  # the server dies mid-stream: the agent must resume, not restart
         server.wait()
-        time.sleep(2.0)
         server = start_server(ports["rest_port"], ports["grpc_port"])
-        _wait(lambda: ready.exists(), 60, "the server to restart")
+        wait_until(lambda: ready.exists(), 60, "the server to restart", [server])
         api = httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1")
         v0 = api.get("/models").json()["data"][0]["model_hash"]
         store = ModelStore(tmp_path / "agent" / "models")
-        _wait(lambda: store.current_hash() == v0, 120, "the agent to install version 0")
+        wait_until(lambda: store.current_hash() == v0, 120, "the agent to install version 0", [agent])
         text = agent_log.read_text(errors="replace")
         resumed = [int(m) for m in re.findall(r"from byte (\d+)", text)]
         assert any(off > 0 for off in resumed), f"download never resumed: {resumed}\n{text[-3000:]}"
         assert store.current() is not None  # verifies the model hash from disk
         devices = api.get("/devices").json()["data"]
-        assert _wait(lambda: api.get(f"/devices/{devices[0]['id']}").json()["model_hash"] == v0, 30, "heartbeat")
+        assert wait_until(lambda: api.get(f"/devices/{devices[0]['id']}").json()["model_hash"] == v0, 30,
+                          "heartbeat")
     finally:
         for p in (agent, server):
             if p is not None and p.poll() is None:

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from edge_agent.backoff import Backoff, retry_call
+from edge_agent.backoff import Backoff
 
 
 def test_seeded_backoff_is_reproducible():
@@ -65,58 +65,3 @@ def test_bad_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         Backoff(**kwargs)
 
-
-class Flaky:
-    """Fails with ``exc`` for the first ``failures`` calls, then returns the call count."""
-
-    def __init__(self, failures: int, exc: Exception) -> None:
-        self.failures, self.exc, self.calls = failures, exc, 0
-
-    def __call__(self) -> int:
-        self.calls += 1
-        if self.calls <= self.failures:
-            raise self.exc
-        return self.calls
-
-
-def test_retry_call_sleeps_the_backoff_delays_then_succeeds():
-    sleeps: list[float] = []
-    retries: list[tuple[int, str]] = []
-    backoff = Backoff(rng=random.Random(11))
-    expected = Backoff(rng=random.Random(11))
-    result = retry_call(
-        Flaky(3, ConnectionError("down")),
-        backoff=backoff,
-        give_up=lambda e: False,
-        sleep=sleeps.append,
-        on_retry=lambda n, e, d: retries.append((n, str(e))),
-    )
-    assert result == 4
-    assert sleeps == [expected.next_delay() for _ in range(3)]
-    assert retries == [(1, "down"), (2, "down"), (3, "down")]
-    assert backoff.attempt == 0  # reset after success
-
-
-def test_retry_call_gives_up_on_permanent_errors_without_sleeping():
-    sleeps: list[float] = []
-    fn = Flaky(5, PermissionError("refused"))
-    with pytest.raises(PermissionError):
-        retry_call(
-            fn,
-            backoff=Backoff(),
-            give_up=lambda e: isinstance(e, PermissionError),
-            sleep=sleeps.append,
-        )
-    assert fn.calls == 1 and sleeps == []
-
-
-def test_retry_call_stops_after_max_attempts():
-    sleeps: list[float] = []
-    fn = Flaky(10, TimeoutError("slow"))
-    with pytest.raises(TimeoutError):
-        retry_call(
-            fn, backoff=Backoff(), give_up=lambda e: False, sleep=sleeps.append, max_attempts=4
-        )
-    assert fn.calls == 4 and len(sleeps) == 3
-    with pytest.raises(ValueError):
-        retry_call(fn, backoff=Backoff(), give_up=lambda e: False, max_attempts=0)

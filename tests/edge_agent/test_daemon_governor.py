@@ -114,7 +114,7 @@ def test_static_energy_budget_then_put_budget_switches(tmp_path, dress_model):
     agent = _agent(tmp_path, dress_model["ds"], ARCH, dress_model["state"], budget_energy_mj=static)
     agent.start()
     try:
-        _wait(lambda: agent.governed is not None, 20)
+        _wait(lambda: agent.governor.governed is not None, 20)
         assert agent.runner.active_subnet == _densest_fitting(e, static) == 1
         status = _status(agent)
         assert status["runner"]["active_subnet"] == 1
@@ -160,9 +160,9 @@ def test_memory_budget_from_file(tmp_path, dress_model):
                    budget_file=budget_file)
     agent.start()
     try:
-        _wait(lambda: agent.governed is not None, 20)
+        _wait(lambda: agent.governor.governed is not None, 20)
         assert agent.runner.active_subnet == 0  # no budget: the densest
-        memory = [p.peak_memory_mb for p in agent.governed.profiles]
+        memory = [p.peak_memory_mb for p in agent.governor.governed.profiles]
         tmp = budget_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"memory_mb": (memory[2] + memory[3]) / 2}))
         tmp.replace(budget_file)
@@ -176,7 +176,7 @@ def test_plain_model_keeps_its_behaviour(tmp_path, digits, tiny_arch, make_state
     agent.start()
     try:
         _wait(lambda: agent.predictions.summary().get("count", 0) >= 64, 10)
-        assert agent.governed is None and agent.runner.active_subnet == -1
+        assert agent.governor.governed is None and agent.runner.active_subnet == -1
         code, body = _put(agent, {"latency_ms": 5})
         assert code == 200 and body["latency_ms"] == 5.0
         status = _status(agent)

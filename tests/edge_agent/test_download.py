@@ -12,7 +12,6 @@ from edge_agent.download import (
     DownloadError,
     DownloadIntegrityError,
     PartialDownload,
-    verified_artefact,
 )
 from shared.artefacts import decode_artefact, encode_full_model
 
@@ -135,17 +134,6 @@ def test_discard_starts_over(tmp_path, artefact):
     assert dl.offset == 0 and not dl.part_path.exists()
     dl.write(artefact)
     assert dl.finalize().exists()
-
-
-def test_verified_artefact(tmp_path, artefact):
-    assert verified_artefact(tmp_path, sha(artefact), len(artefact)) is None
-    dl = PartialDownload(tmp_path, sha(artefact), len(artefact), MAX)
-    dl.write(artefact)
-    path = dl.finalize()
-    assert verified_artefact(tmp_path, sha(artefact), len(artefact)) == path
-    path.write_bytes(artefact[:-1] + b"\0")  # tampered with after the fact
-    assert verified_artefact(tmp_path, sha(artefact), len(artefact)) is None
-    assert not path.exists()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""The agent's updater against a real gRPC server on a loopback port: install, resume an
-interrupted download, and refuse a corrupt artefact while the old model keeps running."""
+"""The agent's update path (updater + update machine) against a real gRPC server on a loopback
+port: install, resume an interrupted download, refuse a corrupt artefact while the old model
+keeps running, and roll back a published version that is worse on the device's own labels."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import pytest
 from sqlalchemy import select
 
 from edge_agent.client import CredentialRejected, FleetClient, PermanentError, TransientError
+from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import ModelStore
+from edge_agent.probation import ProbationConfig
 from edge_agent.runner import ModelRunner
-from edge_agent.updater import UpdateFailed, Updater
+from edge_agent.update_machine import UpdateContext, UpdateMachine
+from edge_agent.update_state import State, UpdateStateFile
+from edge_agent.updater import Updater
 from edge_agent.upload_queue import QueuedSample
 from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
@@ -84,16 +89,32 @@ def server(server_ctx):
     srv.stop()
 
 
-def _agent(address: str, agent_dir: Path, credential: str, cut_after: int | None = None, **kw):
-    client = FlakyClient(address, cut_after)
-    client.credential = credential
-    store, runner = ModelStore(agent_dir / "models"), ModelRunner()
-    current = store.current()
-    if current is not None:  # what the daemon does at start-up
-        runner.load(current.arch, current.state, current.model_hash)
-    updater = Updater(client, store, runner, agent_dir, max_artefact_bytes=kw.pop("max_artefact_bytes", 1 << 26),
-                      chunk_bytes=CHUNK)
-    return client, store, runner, updater
+class Agent:
+    """The update path of one agent, as the daemon wires it."""
+
+    def __init__(self, address: str, agent_dir: Path, credential: str, cut_after: int | None = None,
+                 max_artefact_bytes: int = 1 << 26) -> None:
+        self.client = FlakyClient(address, cut_after)
+        self.client.credential = credential
+        self.store, self.runner = ModelStore(agent_dir / "models"), ModelRunner()
+        current = self.store.current()
+        if current is not None:  # what the daemon does at start-up
+            self.runner.load(current.arch, current.state, current.model_hash)
+        self.updater = Updater(self.client, agent_dir, max_artefact_bytes=max_artefact_bytes, chunk_bytes=CHUNK)
+        self.local = LocalDataset(agent_dir / "local_data.db")
+        self.machine = UpdateMachine(
+            UpdateContext(self.updater, self.store, self.runner, self.local, ProbationConfig()),
+            UpdateStateFile(agent_dir / "update_state.json"))
+
+    def update_to(self, target: str) -> State:
+        """What the updater service does when the server names ``target``."""
+        if self.machine.state is not State.DOWNLOADING:
+            self.machine.start(target)
+        return self.machine.run(target)
+
+    def close(self) -> None:
+        self.client.close()
+        self.local.close()
 
 
 def _register(address: str) -> tuple[str, str]:
@@ -128,23 +149,21 @@ def _leftovers(agent_dir: Path) -> list[str]:
 
 def test_installs_the_full_model(server, server_ctx, tmp_path):
     cred, target = _register(server.address)
-    client, store, runner, updater = _agent(server.address, tmp_path / "agent", cred)
+    dev = Agent(server.address, tmp_path / "agent", cred)
     try:
-        assert not runner.ready and store.current() is None
-        updater.update_to(target)
-        assert runner.model_hash == target and store.current_hash() == target
-        assert store.current().model_hash == target  # re-verified from disk
-        assert updater.stats.bytes_downloaded == _artefact_size(server_ctx, target)
-        assert updater.stats.artefacts_installed == 1 and updater.stats.failures == 0
-        assert _leftovers(tmp_path / "agent") == [] and not updater.state_file.exists()
+        assert not dev.runner.ready and dev.store.current() is None
+        assert dev.update_to(target) is State.COMMITTED
+        assert "not enough local labels" in dev.machine.record.reason
+        assert dev.runner.model_hash == target and dev.store.current_hash() == target
+        assert dev.store.current().model_hash == target  # re-verified from disk
+        assert dev.updater.stats.bytes_downloaded == _artefact_size(server_ctx, target)
+        assert dev.updater.stats.artefacts_installed == 1 and dev.updater.stats.failures == 0
+        assert _leftovers(tmp_path / "agent") == [] and not dev.updater.state_file.exists()
         x = np.zeros((2, 1, 28, 28), np.uint8)
-        pred, conf = runner.predict(x)
+        pred, conf = dev.runner.predict(x)
         assert pred.shape == (2,) and (conf > 0).all()
-        # Already there: no second download.
-        updater.update_to(target)
-        assert updater.stats.artefacts_installed == 1 and len(client.requests) == 1
     finally:
-        client.close()
+        dev.close()
 
 
 def test_interrupted_download_resumes_after_agent_and_server_restart(server, server_ctx, tmp_path):
@@ -152,57 +171,55 @@ def test_interrupted_download_resumes_after_agent_and_server_restart(server, ser
     size = _artefact_size(server_ctx, target)
     assert size > 20 * CHUNK
     agent_dir = tmp_path / "agent"
-    client, store, runner, updater = _agent(server.address, agent_dir, cred, cut_after=12)
-    with pytest.raises(TransientError):
-        updater.update_to(target)
-    client.close()
-    assert not runner.ready and store.current_hash() is None  # nothing half-installed
-    part = agent_dir / "downloads" / f"{json.loads(updater.state_file.read_text())['artefact_sha256']}.part"
+    dev = Agent(server.address, agent_dir, cred, cut_after=12)
+    assert dev.update_to(target) is State.DOWNLOADING  # suspended: the link dropped
+    assert "interrupted" in dev.machine.record.reason
+    dev.close()
+    assert not dev.runner.ready and dev.store.current_hash() is None  # nothing half-installed
+    part = agent_dir / "downloads" / f"{json.loads(dev.updater.state_file.read_text())['artefact_sha256']}.part"
     assert part.stat().st_size == 12 * CHUNK
 
     # The server restarts (new port) and the agent restarts (new objects, same data dir).
     server.stop()
     server2 = GrpcServer(server_ctx)
     try:
-        client2, store2, runner2, updater2 = _agent(server2.address, agent_dir, cred)
-        updater2.update_to(target)
-        sha, offset = client2.requests[0]
+        dev2 = Agent(server2.address, agent_dir, cred)
+        assert dev2.machine.state is State.DOWNLOADING  # resumed from update_state.json
+        assert dev2.update_to(target) is State.COMMITTED
+        sha, offset = dev2.client.requests[0]
         assert offset == 12 * CHUNK and sha == part.name.removesuffix(".part")  # asked for the rest only
-        assert updater2.stats.bytes_downloaded == size - 12 * CHUNK
-        assert runner2.model_hash == target and store2.current_hash() == target
-        assert _leftovers(agent_dir) == [] and not updater2.state_file.exists()
-        client2.close()
+        assert dev2.updater.stats.bytes_downloaded == size - 12 * CHUNK
+        assert dev2.runner.model_hash == target and dev2.store.current_hash() == target
+        assert _leftovers(agent_dir) == [] and not dev2.updater.state_file.exists()
+        dev2.close()
     finally:
         server2.stop()
 
 
 def test_several_interruptions_still_end_with_the_right_model(server, server_ctx, tmp_path):
     cred, target = _register(server.address)
-    agent_dir = tmp_path / "agent"
-    client, store, runner, updater = _agent(server.address, agent_dir, cred, cut_after=7)
+    dev = Agent(server.address, tmp_path / "agent", cred, cut_after=7)
     try:
         for _ in range(100):
-            try:
-                updater.update_to(target)
+            if dev.update_to(target) is not State.DOWNLOADING:
                 break
-            except TransientError:
-                continue
-        assert runner.model_hash == target and store.current_hash() == target
-        offsets = [off for _, off in client.requests]
+        assert dev.machine.state is State.COMMITTED
+        assert dev.runner.model_hash == target and dev.store.current_hash() == target
+        offsets = [off for _, off in dev.client.requests]
         assert offsets == [i * 7 * CHUNK for i in range(len(offsets))]  # each try continues the last
-        assert updater.stats.bytes_downloaded == _artefact_size(server_ctx, target)
+        assert dev.updater.stats.bytes_downloaded == _artefact_size(server_ctx, target)
     finally:
-        client.close()
+        dev.close()
 
 
 def test_corrupt_artefact_is_refused_and_the_old_model_keeps_running(server, server_ctx, tmp_path):
     cred, v0 = _register(server.address)
     agent_dir = tmp_path / "agent"
-    client, store, runner, updater = _agent(server.address, agent_dir, cred)
+    dev = Agent(server.address, agent_dir, cred)
     try:
-        updater.update_to(v0)
+        dev.update_to(v0)
         x = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
-        before = runner.predict(x)
+        before = dev.runner.predict(x)
 
         v1 = _publish_next(server_ctx, seed=1)
         with transaction(server_ctx.factory) as s:
@@ -212,34 +229,66 @@ def test_corrupt_artefact_is_refused_and_the_old_model_keeps_running(server, ser
         blob.write_bytes(bytes(data))
         assert hashlib.sha256(bytes(data)).hexdigest() != blob.name
 
-        with pytest.raises(UpdateFailed, match="integrity"):
-            updater.update_to(v1)
-        assert runner.model_hash == v0 and store.current_hash() == v0
-        assert store.current().model_hash == v0
-        after = runner.predict(x)
+        assert dev.update_to(v1) is State.FAILED
+        assert "integrity" in dev.machine.record.reason
+        assert dev.machine.rejected(v1) is None  # not a rollback: retried once the server is fixed
+        assert dev.runner.model_hash == v0 and dev.store.current_hash() == v0
+        assert dev.store.current().model_hash == v0
+        after = dev.runner.predict(x)
         assert (before[0] == after[0]).all() and np.allclose(before[1], after[1])
-        assert updater.stats.failures == 1 and updater.stats.artefacts_installed == 1
-        assert _leftovers(agent_dir) == [] and not updater.state_file.exists()  # nothing to resume into
+        assert dev.updater.stats.failures == 1 and dev.updater.stats.artefacts_installed == 1
+        assert _leftovers(agent_dir) == [] and not dev.updater.state_file.exists()  # nothing to resume into
 
         # An agent restarted after the failure still runs the old model.
-        client2, store2, runner2, _ = _agent(server.address, agent_dir, cred)
-        assert runner2.model_hash == v0
-        client2.close()
+        dev.close()
+        dev2 = Agent(server.address, agent_dir, cred)
+        assert dev2.runner.model_hash == v0 and dev2.machine.state is State.FAILED
+        dev2.close()
     finally:
-        client.close()
+        dev.close()
 
 
 def test_artefact_over_the_size_limit_is_refused(server, server_ctx, tmp_path):
     cred, target = _register(server.address)
     size = _artefact_size(server_ctx, target)
-    client, store, runner, updater = _agent(server.address, tmp_path / "agent", cred, max_artefact_bytes=size - 1)
+    dev = Agent(server.address, tmp_path / "agent", cred, max_artefact_bytes=size - 1)
     try:
-        with pytest.raises(UpdateFailed, match="max_artefact_bytes"):
-            updater.update_to(target)
-        assert not runner.ready and store.current_hash() is None
-        assert updater.stats.bytes_downloaded == 0
+        assert dev.update_to(target) is State.FAILED
+        assert "max_artefact_bytes" in dev.machine.record.reason
+        assert not dev.runner.ready and dev.store.current_hash() is None
+        assert dev.updater.stats.bytes_downloaded == 0
     finally:
-        client.close()
+        dev.close()
+
+
+def test_a_worse_version_is_rolled_back_and_the_server_records_it(server, server_ctx, tmp_path):
+    """v0 labels the device's inputs perfectly (they are its own predictions); a published
+    random v1 agrees with them by chance only, so probation rolls it back, and the heartbeat
+    that reports it lands in the device's row."""
+    cred, v0 = _register(server.address)
+    dev = Agent(server.address, tmp_path / "agent", cred)
+    try:
+        dev.update_to(v0)
+        x = np.random.default_rng(1).integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+        labels, _ = dev.runner.predict(x)
+        for xi, yi in zip(x, labels, strict=True):
+            dev.local.add(xi, int(yi))
+        v1 = _publish_next(server_ctx, seed=7)
+        assert dev.update_to(v1) is State.ROLLED_BACK
+        assert dev.runner.model_hash == v0 and dev.store.current_hash() == v0
+        report = dev.machine.rejected(v1)
+        assert dev.machine.record.probation.old_accuracy == 1.0 and "below" in report.reason
+
+        dev.client.heartbeat(pb.HeartbeatRequest(
+            model_hash=v0, state=dev.machine.state.value,
+            rollbacks=[pb.UpdateReport(model_hash=r.model_hash, reason=r.reason, at_ms=r.at_ms)
+                       for r in dev.machine.record.rollbacks]))
+        with transaction(server_ctx.factory) as s:
+            row = s.scalars(select(Device)).one()
+            assert row.update_state == "rolled_back" and row.model_hash == v0
+            assert row.rollbacks == [{"model_hash": v1, "reason": report.reason, "at_ms": report.at_ms}]
+    finally:
+        dev.close()
 
 
 # --- the client's error classes, which decide retry vs give up --------------------------------
@@ -284,17 +333,17 @@ def test_model_that_does_not_fit_its_architecture_is_refused(server, server_ctx,
     """A published artefact whose tensors are not those of the spec it names (a server bug):
     the hash checks pass, so the decoder's shape check is what keeps the old model running."""
     cred, v0 = _register(server.address)
-    client, store, runner, updater = _agent(server.address, tmp_path / "agent", cred)
+    dev = Agent(server.address, tmp_path / "agent", cred)
     try:
-        updater.update_to(v0)
+        dev.update_to(v0)
         wider = ArchSpec("mlp", (1, 28, 28), 10, hidden=(17,))
         state = init_weights_from_seed(build_model(wider), 5).state_dict()
         with transaction(server_ctx.factory) as s:
             bad = publish_version(s, server_ctx.blobs, arch=ARCH, state=state, parent_hash=v0, method="full",
                                   metrics={}, fleet_default=True).model_hash
-        with pytest.raises(UpdateFailed, match="architecture"):
-            updater.update_to(bad)
-        assert runner.model_hash == v0 and store.current_hash() == v0
-        assert runner.predict(np.zeros((1, 1, 28, 28), np.uint8))[0].shape == (1,)
+        assert dev.update_to(bad) is State.FAILED
+        assert "architecture" in dev.machine.record.reason
+        assert dev.runner.model_hash == v0 and dev.store.current_hash() == v0
+        assert dev.runner.predict(np.zeros((1, 1, 28, 28), np.uint8))[0].shape == (1,)
     finally:
-        client.close()
+        dev.close()

@@ -3,15 +3,19 @@ published as a seed artefact plus a diff, all decodable exactly as a device woul
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
 import shared.codec as codec
 from server.domain.samples import LabelledData
-from server.training.dpu import DPUParams, DPUPolicy
+from server.training.dpu import DPUParams, DPUPolicy, DPUState
 from server.training.policy import RoundInputs
 from shared.artefacts import decode_artefact
 from shared.data import load_dataset
+from shared.dpu import ShadowChain
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 from shared.tensors import model_hash
 from shared.training import TrainConfig, train_supervised
@@ -31,28 +35,28 @@ def setup():
     return data, base
 
 
-def _run(setup, carry=None, **params):
+def _run(setup, state=None, **params):
     data, base = setup
     p = DPUParams(epochs=2, batch_size=128, skip_if_worse=False, **params)
-    return DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), data=data, params=p,
-                                       progress=lambda *a: None, base_metrics={"method": "dpu", "n_at_last_init": 10_000},
-                                       carry=carry or {}))
+    return DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+                                       data=data, params=p, progress=lambda *a: None,
+                                       state=state or DPUState(n_at_last_init=10_000)))
 
 
 def test_diff_decodes_to_the_published_state(setup) -> None:
     _, base = setup
     out = _run(setup, k=0.02)
-    assert out.state is not None and out.diff is not None
+    assert out.model is not None and out.diff is not None
     decoded = decode_artefact(out.diff, base)
-    assert decoded.model_hash == model_hash(out.state)
+    assert decoded.model_hash == model_hash(out.model)
     assert decoded.base_hash == model_hash(base)
-    changed = sum(int((out.state[n] != base[n]).sum()) for n in base if base[n].dim() > 1)
+    changed = sum(int((out.model[n] != base[n]).sum()) for n in base if base[n].dim() > 1)
     assert changed <= out.metrics["nnz"]
 
 
 def test_byte_budget_is_respected(setup) -> None:
     out = _run(setup, byte_budget=2500)
-    assert out.state is not None
+    assert out.model is not None
     assert len(out.diff) <= 2500
     assert out.metrics["k"] < 0.1
 
@@ -60,25 +64,27 @@ def test_byte_budget_is_respected(setup) -> None:
 def test_int8_values_publish_what_the_device_reconstructs_and_carry_the_error(setup) -> None:
     _, base = setup
     out = _run(setup, k=0.05, value_format="int8")
-    assert out.state is not None
+    assert out.model is not None
     decoded = codec.decode_diff(out.diff, base)
-    assert decoded.model_hash == model_hash(out.state)
-    residual = out.carry["residual"]
+    assert decoded.model_hash == model_hash(out.model)
+    residual = out.state.residual
     assert any(float(r.abs().max()) > 0 for r in residual.values())
     # The next round absorbs the carried error where it ships values.
-    again = _run(setup, carry=out.carry, k=0.05, value_format="int8")
-    assert "residual" in again.carry
+    again = _run(setup, state=out.state, k=0.05, value_format="int8")
+    assert again.state.residual is not None
+    # fp32 values lose nothing: the residual is shipped and no longer carried.
+    assert _run(setup, state=out.state, k=0.05).state.residual is None
 
 
 def test_forced_reinitialisation_ships_a_diff_against_the_seeded_weights(setup) -> None:
     out = _run(setup, k=0.05, reinit=True, init_seed=7)
-    if out.state is None:
+    if out.model is None:
         pytest.skip(f"re-initialised candidate was skipped: {out.skip_reason}")
     assert out.reinit_seed == 7
     seeded = init_weights_from_seed(build_model(ARCH), 7).state_dict()
     assert out.diff_base_hash == model_hash(seeded)
     decoded = decode_artefact(out.diff, seeded)
-    assert decoded.model_hash == model_hash(out.state)
+    assert decoded.model_hash == model_hash(out.model)
 
 
 def test_unknown_params_are_refused() -> None:
@@ -100,16 +106,71 @@ def test_round_inputs_arrays_are_not_modified(setup) -> None:
 def test_data_doubling_starts_a_reinitialised_chain(setup) -> None:
     data, base = setup
     p = DPUParams(epochs=2, batch_size=128, skip_if_worse=False, k=0.05, init_seed=3)
-    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), data=data, params=p,
-                                      progress=lambda *a: None,
-                                      base_metrics={"method": "dpu", "n_at_last_init": len(data.y_train) // 3}))
-    assert out.state is not None
+    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+                                      data=data, params=p, progress=lambda *a: None,
+                                      state=DPUState(n_at_last_init=len(data.y_train) // 3)))
+    assert out.model is not None
     # §5.4.2: the data more than doubled, so a chain from the seeded weights starts now ...
-    assert out.metrics["n_at_last_init"] == len(data.y_train)
+    assert out.metrics["n_at_last_init"] == len(data.y_train) == out.state.n_at_last_init
     if out.reinit_seed is None:
         # ... and trains beside the deployed chain until it wins (§5.5.3 shadow chain).
-        shadow = out.carry["shadow"]
+        shadow = out.state.shadow
         assert shadow is not None and shadow.seed == 3
     else:
         assert out.reinit_seed == 3
         assert out.diff_base_hash == model_hash(init_weights_from_seed(build_model(ARCH), 3).state_dict())
+
+
+def _state() -> DPUState:
+    return DPUState(
+        n_at_last_init=300,
+        shadow=ShadowChain(7, {"net.1.weight": torch.arange(12.0).reshape(3, 4)}, rounds=2),
+        residual={"net.1.weight": torch.full((3, 4), 0.5), "net.1.bias": torch.zeros(3)},
+    )
+
+
+def test_state_record_round_trips_exactly() -> None:
+    meta, tensors = _state().to_record()
+    json.dumps(meta)  # the JSON half is JSON
+    back = DPUState.from_record(json.loads(json.dumps(meta)), tensors)
+    assert back.n_at_last_init == 300
+    assert back.shadow.seed == 7 and back.shadow.rounds == 2
+    assert torch.equal(back.shadow.state["net.1.weight"], torch.arange(12.0).reshape(3, 4))
+    assert torch.equal(back.residual["net.1.weight"], torch.full((3, 4), 0.5))
+    empty = DPUState.from_record(*DPUState().to_record())
+    assert (empty.n_at_last_init, empty.shadow, empty.residual) == (None, None, None)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m, t: m.update(n_at_last_init=-1), "n_at_last_init"),
+    (lambda m, t: m.update(n_at_last_init=True), "n_at_last_init"),
+    (lambda m, t: m.update(extra=1), "metadata"),
+    (lambda m, t: m.update(shadow={"seed": "7", "rounds": 2}), "seed"),
+    (lambda m, t: m.update(shadow=None), "no shadow metadata"),
+    (lambda m, t: [t.pop(k) for k in list(t) if k.startswith("shadow/")], "none of its tensors"),
+    (lambda m, t: t.update({"other/x": torch.zeros(1)}), "unknown tensor"),
+    (lambda m, t: t.update({"residual/x": torch.zeros(1, dtype=torch.int64)}), "float"),
+])
+def test_malformed_state_records_are_refused(mutate, message) -> None:
+    meta, tensors = _state().to_record()
+    mutate(meta, tensors)
+    with pytest.raises(ValueError, match=message):
+        DPUState.from_record(meta, tensors)
+
+
+def test_state_that_does_not_fit_the_model_is_dropped_and_said(setup) -> None:
+    data, base = setup
+    stale = DPUState(10_000, ShadowChain(3, {"net.1.weight": torch.zeros(2, 2)}), None)
+    out = _run(setup, state=stale, k=0.02)
+    assert "shadow chain does not fit" in out.metrics["state_dropped"]
+    assert out.state.shadow is None and out.state.n_at_last_init == 10_000
+
+
+def test_a_skipped_round_carries_its_state(setup) -> None:
+    data, base = setup
+    p = DPUParams(epochs=1, batch_size=128, k=0.001, min_labelled=10**6)
+    carried = _state()
+    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+                                      data=data, params=p, progress=lambda *a: None, state=carried))
+    assert out.model is None and "labelled samples" in out.skip_reason
+    assert out.state is carried  # nothing ran: the carried state is kept as it was

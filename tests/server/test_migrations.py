@@ -17,7 +17,7 @@ from server.db import (
 from server.db.base import Base
 from server.db.engine import make_engine
 
-TABLES = {"devices", "samples", "artefacts", "model_versions", "rounds", "deliveries"}
+TABLES = {"devices", "samples", "artefacts", "model_versions", "rounds", "deliveries", "policy_states"}
 
 
 def _schema_diff(engine) -> list:

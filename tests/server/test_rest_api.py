@@ -69,11 +69,6 @@ def labels_in_db(ctx: ServerContext) -> dict[tuple[str, str], int | None]:
         return {(r.device_id, r.sample_id): r.label for r in s.scalars(select(Sample))}
 
 
-@pytest.fixture
-def client(server_ctx) -> TestClient:
-    return make_client(server_ctx)
-
-
 # --- health, metrics -----------------------------------------------------------------------
 
 

@@ -54,6 +54,7 @@ BAD_ROUNDS = [  # (body, part of the expected detail)
     ({"method": "full", "params": {"lr": "fast"}}, "invalid params for method 'full': lr: Input should be a valid number"),
     ({"params": []}, "body.params: Input should be a valid dictionary"),
     ({"priority": 1}, "body.priority: Extra inputs are not permitted"),
+    ({"data_scope": "everything"}, "body.data_scope: Input should be 'cohort' or 'all'"),
 ]
 
 
@@ -105,6 +106,7 @@ def test_round_is_trained_by_the_worker_and_reported(server_ctx, client):
     queued = resp.json()
     assert queued["status"] == "queued" and resp.headers["location"] == f"/api/v1/rounds/{queued['id']}"
     assert queued["params"]["epochs"] == 4 and queued["params"]["skip_if_worse"] is True  # stored resolved
+    assert queued["lineage"] == "tag:lab" and queued["data_scope"] == "cohort"
 
     worker = RoundWorker(server_ctx.settings, server_ctx.factory, server_ctx.blobs,
                          rounds_wakeup=server_ctx.rounds_wakeup, targets_changed=server_ctx.targets_changed)
@@ -128,6 +130,10 @@ def test_round_is_trained_by_the_worker_and_reported(server_ctx, client):
     assert latest["model_hash"] == new_hash and latest["round_id"] == queued["id"]
     assert latest["parent_hash"] == base["model_hash"] and latest["number"] == 1
     assert latest["fleet_default"] is False  # a tag cohort does not move the fleet default
+    assert latest["lineage"] == "tag:lab" and base["lineage"] == "all"
+    lab_versions = client.get("/api/v1/models", params={"lineage": "tag:lab"}).json()
+    assert lab_versions["count"] == 1 and lab_versions["data"][0]["model_hash"] == new_hash
+    assert client.get("/api/v1/rounds").json()["data"][0]["lineage"] == "tag:lab"
     assert client.get(f"/api/v1/devices/{lab.device.id}/status").json()["target_model_hash"] == new_hash
     assert client.get(f"/api/v1/devices/{other.device.id}/status").json()["target_model_hash"] == base["model_hash"]
 

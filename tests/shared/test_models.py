@@ -16,7 +16,7 @@ from shared.tensors import model_hash
     [
         ArchSpec("mlp", (1, 28, 28), 10),
         ArchSpec("mlp", (64,), 3, hidden=()),
-        ArchSpec("cnn", (3, 16, 12), 7, hidden=(32,), channels=(8, 16), extra={"note": "x"}),
+        ArchSpec("cnn", (3, 16, 12), 7, hidden=(32,), channels=(8, 16), extra={"dress": {"sparsities": [0.5, 0.9]}}),
         default_spec("cnn", (1, 28, 28), 10),
     ],
 )

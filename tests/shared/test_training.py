@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.data import load_dataset
-from shared.models import ArchSpec, build_model, init_weights_from_seed
+from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed
 from shared.tensors import clone_state, model_hash
 from shared.training import TrainConfig, accuracy, batches, predict_logits, train_supervised
 
@@ -58,32 +58,40 @@ def test_training_is_reproducible_for_a_seed(digits):
 
 
 def test_keeps_best_validation_weights_not_the_last(digits):
-    """Record each epoch's validation accuracy and weights from the progress callback; at the
-    very last step the callback wrecks the weights (as a diverging step would). The model must
-    come back with the best epoch's weights, and report that epoch's accuracy."""
+    """Record each epoch's validation accuracy (reported in the progress metrics at epoch ends)
+    and weights. During the last epoch a forward hook makes the model predict a constant in
+    eval mode (as a wrecked model would), so that epoch scores about chance. The model must
+    come back with the best epoch's weights (the later one on a tie), not the last ones, and
+    report that epoch's accuracy."""
     x, y = digits.x_train, digits.y_train
     xv, yv = digits.x_test, digits.y_test
     cfg = TrainConfig(epochs=4, batch_size=64, lr=2e-3)
     steps_per_epoch = len(batches(len(x), cfg.batch_size, None))
     model = _model()
+    wrecked = [False]
     seen: list[tuple[float, dict[str, torch.Tensor]]] = []
+
+    def constant_when_wrecked(module, args, out):
+        return torch.zeros_like(out) if wrecked[0] and not module.training else out
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
         assert np.isfinite(metrics["loss"])
-        if step == total:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.zero_()  # every logit equal: the last epoch scores about chance
         if step % steps_per_epoch == 0:
-            seen.append((accuracy(model, xv, yv), clone_state(model.state_dict())))
+            seen.append((metrics["val_accuracy"], clone_state(model.state_dict())))
+            wrecked[0] = step == total - steps_per_epoch  # the last epoch is validated wrecked
+        else:
+            assert "val_accuracy" not in metrics
 
+    hook = model.register_forward_hook(constant_when_wrecked)
     stats = train_supervised(model, x, y, cfg, x_val=xv, y_val=yv, progress=progress)
+    hook.remove()
     assert len(seen) == cfg.epochs
     accs = [a for a, _ in seen]
-    best = int(np.argmax(accs))
-    assert best < cfg.epochs - 1 and accs[-1] < 0.2
+    assert accs[-1] < 0.2 and max(accs) > 0.5
+    best = max(i for i, a in enumerate(accs) if a == max(accs))  # ties prefer the later epoch
     assert stats["val_accuracy"] == pytest.approx(accs[best])
     assert model_hash(model.state_dict()) == model_hash(seen[best][1])
+    assert model_hash(model.state_dict()) != model_hash(seen[-1][1])
     assert accuracy(model, xv, yv) == pytest.approx(accs[best])
 
 
@@ -115,6 +123,25 @@ def test_batches_cover_every_index_once():
     got = np.concatenate(batches(103, 10, rng))
     assert len(got) == 103 and sorted(got.tolist()) == list(range(103))
     assert [len(b) for b in batches(25, 10, None)] == [10, 10, 5]
+    assert [len(b) for b in batches(21, 10, None)] == [10, 11]  # a one-sample tail joins in
+
+
+def test_trailing_single_sample_with_batchnorm_trains():
+    """The issue's reproduction: 65 Fashion-MNIST images in batches of 64 left a last batch of
+    one, and the CNN's BatchNorm1d refused it. Now the tail joins the previous batch."""
+    ds = load_dataset("fashion-mnist")
+    x, y = ds.x_train[:65], ds.y_train[:65]
+    model = init_weights_from_seed(build_model(default_spec("cnn", (1, 28, 28), 10)), 0)
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    steps: list[int] = []
+    stats = train_supervised(model, x, y, TrainConfig(epochs=2, batch_size=64),
+                             x_val=ds.x_test[:50], y_val=ds.y_test[:50],
+                             progress=lambda step, total, m: steps.append(total))
+    hook.remove()
+    train_sizes = [s for s in sizes if s == 65]  # validation passes see 50 images
+    assert train_sizes == [65, 65] and steps == [2, 2]
+    assert np.isfinite(stats["train_loss"]) and 0 <= stats["val_accuracy"] <= 1
 
 
 def test_predict_logits_keeps_the_training_mode_and_handles_empty_input(digits):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/edgeloop/v1/fleet.proto\x12\x0b\x65\x64geloop.v1\"\xe2\x01\n\x0fRegisterRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0bhardware_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12<\n\x08hardware\x18\x05 \x03(\x0b\x32*.edgeloop.v1.RegisterRequest.HardwareEntry\x12\x15\n\ragent_version\x18\x06 \x01(\t\x1a/\n\rHardwareEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x64\x65vice_credential\x18\x02 \x01(\t\x12\x19\n\x11target_model_hash\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"|\n\x06\x42udget\x12\x17\n\nlatency_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmemory_mb\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tenergy_mj\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\r\n\x0b_latency_msB\x0c\n\n_memory_mbB\x0c\n\n_energy_mj\"\x8b\x02\n\x10HeartbeatRequest\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x15\n\ractive_subnet\x18\x02 \x01(\x05\x12#\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x13.edgeloop.v1.Budget\x12;\n\x07metrics\x18\x04 \x03(\x0b\x32*.edgeloop.v1.HeartbeatRequest.MetricsEntry\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x17\n\x0fsamples_pending\x18\x07 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x89\x01\n\x11HeartbeatResponse\x12\x19\n\x11target_model_hash\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1b\n\x13server_time_unix_ms\x18\x03 \x01(\x03\x12\x1e\n\x16target_subnet_accuracy\x18\x04 \x03(\x01\"\xcd\x01\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x12\n\x05label\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.edgeloop.v1.Sample.MetadataEntry\x12\x1b\n\x13\x63\x61ptured_at_unix_ms\x18\x05 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_label\"<\n\x14UploadSamplesRequest\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.edgeloop.v1.Sample\"3\n\x0eRejectedSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x83\x01\n\x15UploadSamplesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x15\n\rcommitted_ids\x18\x03 \x03(\t\x12-\n\x08rejected\x18\x04 \x03(\x0b\x32\x1b.edgeloop.v1.RejectedSample\"\x88\x01\n\x10GetUpdateRequest\x12\x19\n\x11target_model_hash\x18\x01 \x01(\t\x12\x17\n\x0fhave_model_hash\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtefact_sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x05\"\xac\x01\n\nUpdateInfo\x12\x17\n\x0f\x61rtefact_sha256\x18\x01 \x01(\t\x12\x15\n\rartefact_size\x18\x02 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\x12\x17\n\x0f\x62\x61se_model_hash\x18\x04 \x01(\t\x12\x19\n\x11target_model_hash\x18\x05 \x01(\t\x12\x18\n\x10\x66inal_model_hash\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x03\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"i\n\x11GetUpdateResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x17.edgeloop.v1.UpdateInfoH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.edgeloop.v1.ChunkH\x00\x42\x06\n\x04kind\">\n\x13WatchUpdatesRequest\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0bmax_seconds\x18\x02 \x01(\x05\"V\n\x14WatchUpdatesResponse\x12\x19\n\x11target_model_hash\x18\x01 \x01(\t\x12\x11\n\tkeepalive\x18\x02 \x01(\x08\x12\x10\n\x08round_id\x18\x03 \x01(\t2\x9f\x03\n\tEdgeFleet\x12G\n\x08Register\x12\x1c.edgeloop.v1.RegisterRequest\x1a\x1d.edgeloop.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.edgeloop.v1.HeartbeatRequest\x1a\x1e.edgeloop.v1.HeartbeatResponse\x12X\n\rUploadSamples\x12!.edgeloop.v1.UploadSamplesRequest\x1a\".edgeloop.v1.UploadSamplesResponse(\x01\x12L\n\tGetUpdate\x12\x1d.edgeloop.v1.GetUpdateRequest\x1a\x1e.edgeloop.v1.GetUpdateResponse0\x01\x12U\n\x0cWatchUpdates\x12 .edgeloop.v1.WatchUpdatesRequest\x1a!.edgeloop.v1.WatchUpdatesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/edgeloop/v1/fleet.proto\x12\x0b\x65\x64geloop.v1\"\xe2\x01\n\x0fRegisterRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x13\n\x0bhardware_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12<\n\x08hardware\x18\x05 \x03(\x0b\x32*.edgeloop.v1.RegisterRequest.HardwareEntry\x12\x15\n\ragent_version\x18\x06 \x01(\t\x1a/\n\rHardwareEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x64\x65vice_credential\x18\x02 \x01(\t\x12\x19\n\x11target_model_hash\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"|\n\x06\x42udget\x12\x17\n\nlatency_ms\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmemory_mb\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tenergy_mj\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\r\n\x0b_latency_msB\x0c\n\n_memory_mbB\x0c\n\n_energy_mj\"\xb9\x02\n\x10HeartbeatRequest\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x15\n\ractive_subnet\x18\x02 \x01(\x05\x12#\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x13.edgeloop.v1.Budget\x12;\n\x07metrics\x18\x04 \x03(\x0b\x32*.edgeloop.v1.HeartbeatRequest.MetricsEntry\x12\r\n\x05state\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x17\n\x0fsamples_pending\x18\x07 \x01(\x03\x12,\n\trollbacks\x18\x08 \x03(\x0b\x32\x19.edgeloop.v1.UpdateReport\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"A\n\x0cUpdateReport\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61t_ms\x18\x03 \x01(\x03\"\x89\x01\n\x11HeartbeatResponse\x12\x19\n\x11target_model_hash\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1b\n\x13server_time_unix_ms\x18\x03 \x01(\x03\x12\x1e\n\x16target_subnet_accuracy\x18\x04 \x03(\x01\"\xcd\x01\n\x06Sample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x12\n\x05label\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.edgeloop.v1.Sample.MetadataEntry\x12\x1b\n\x13\x63\x61ptured_at_unix_ms\x18\x05 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_label\"<\n\x14UploadSamplesRequest\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.edgeloop.v1.Sample\"3\n\x0eRejectedSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x83\x01\n\x15UploadSamplesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x15\n\rcommitted_ids\x18\x03 \x03(\t\x12-\n\x08rejected\x18\x04 \x03(\x0b\x32\x1b.edgeloop.v1.RejectedSample\"\x88\x01\n\x10GetUpdateRequest\x12\x19\n\x11target_model_hash\x18\x01 \x01(\t\x12\x17\n\x0fhave_model_hash\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtefact_sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x05\"\xac\x01\n\nUpdateInfo\x12\x17\n\x0f\x61rtefact_sha256\x18\x01 \x01(\t\x12\x15\n\rartefact_size\x18\x02 \x01(\x03\x12\x10\n\x08\x65ncoding\x18\x03 \x01(\t\x12\x17\n\x0f\x62\x61se_model_hash\x18\x04 \x01(\t\x12\x19\n\x11target_model_hash\x18\x05 \x01(\t\x12\x18\n\x10\x66inal_model_hash\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x03\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"i\n\x11GetUpdateResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x17.edgeloop.v1.UpdateInfoH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.edgeloop.v1.ChunkH\x00\x42\x06\n\x04kind\">\n\x13WatchUpdatesRequest\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0bmax_seconds\x18\x02 \x01(\x05\"V\n\x14WatchUpdatesResponse\x12\x19\n\x11target_model_hash\x18\x01 \x01(\t\x12\x11\n\tkeepalive\x18\x02 \x01(\x08\x12\x10\n\x08round_id\x18\x03 \x01(\t2\x9f\x03\n\tEdgeFleet\x12G\n\x08Register\x12\x1c.edgeloop.v1.RegisterRequest\x1a\x1d.edgeloop.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.edgeloop.v1.HeartbeatRequest\x1a\x1e.edgeloop.v1.HeartbeatResponse\x12X\n\rUploadSamples\x12!.edgeloop.v1.UploadSamplesRequest\x1a\".edgeloop.v1.UploadSamplesResponse(\x01\x12L\n\tGetUpdate\x12\x1d.edgeloop.v1.GetUpdateRequest\x1a\x1e.edgeloop.v1.GetUpdateResponse0\x01\x12U\n\x0cWatchUpdates\x12 .edgeloop.v1.WatchUpdatesRequest\x1a!.edgeloop.v1.WatchUpdatesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,33 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGET']._serialized_start=399
   _globals['_BUDGET']._serialized_end=523
   _globals['_HEARTBEATREQUEST']._serialized_start=526
-  _globals['_HEARTBEATREQUEST']._serialized_end=793
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=747
-  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=793
-  _globals['_HEARTBEATRESPONSE']._serialized_start=796
-  _globals['_HEARTBEATRESPONSE']._serialized_end=933
-  _globals['_SAMPLE']._serialized_start=936
-  _globals['_SAMPLE']._serialized_end=1141
-  _globals['_SAMPLE_METADATAENTRY']._serialized_start=1084
-  _globals['_SAMPLE_METADATAENTRY']._serialized_end=1131
-  _globals['_UPLOADSAMPLESREQUEST']._serialized_start=1143
-  _globals['_UPLOADSAMPLESREQUEST']._serialized_end=1203
-  _globals['_REJECTEDSAMPLE']._serialized_start=1205
-  _globals['_REJECTEDSAMPLE']._serialized_end=1256
-  _globals['_UPLOADSAMPLESRESPONSE']._serialized_start=1259
-  _globals['_UPLOADSAMPLESRESPONSE']._serialized_end=1390
-  _globals['_GETUPDATEREQUEST']._serialized_start=1393
-  _globals['_GETUPDATEREQUEST']._serialized_end=1529
-  _globals['_UPDATEINFO']._serialized_start=1532
-  _globals['_UPDATEINFO']._serialized_end=1704
-  _globals['_CHUNK']._serialized_start=1706
-  _globals['_CHUNK']._serialized_end=1743
-  _globals['_GETUPDATERESPONSE']._serialized_start=1745
-  _globals['_GETUPDATERESPONSE']._serialized_end=1850
-  _globals['_WATCHUPDATESREQUEST']._serialized_start=1852
-  _globals['_WATCHUPDATESREQUEST']._serialized_end=1914
-  _globals['_WATCHUPDATESRESPONSE']._serialized_start=1916
-  _globals['_WATCHUPDATESRESPONSE']._serialized_end=2002
-  _globals['_EDGEFLEET']._serialized_start=2005
-  _globals['_EDGEFLEET']._serialized_end=2420
+  _globals['_HEARTBEATREQUEST']._serialized_end=839
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_start=793
+  _globals['_HEARTBEATREQUEST_METRICSENTRY']._serialized_end=839
+  _globals['_UPDATEREPORT']._serialized_start=841
+  _globals['_UPDATEREPORT']._serialized_end=906
+  _globals['_HEARTBEATRESPONSE']._serialized_start=909
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1046
+  _globals['_SAMPLE']._serialized_start=1049
+  _globals['_SAMPLE']._serialized_end=1254
+  _globals['_SAMPLE_METADATAENTRY']._serialized_start=1197
+  _globals['_SAMPLE_METADATAENTRY']._serialized_end=1244
+  _globals['_UPLOADSAMPLESREQUEST']._serialized_start=1256
+  _globals['_UPLOADSAMPLESREQUEST']._serialized_end=1316
+  _globals['_REJECTEDSAMPLE']._serialized_start=1318
+  _globals['_REJECTEDSAMPLE']._serialized_end=1369
+  _globals['_UPLOADSAMPLESRESPONSE']._serialized_start=1372
+  _globals['_UPLOADSAMPLESRESPONSE']._serialized_end=1503
+  _globals['_GETUPDATEREQUEST']._serialized_start=1506
+  _globals['_GETUPDATEREQUEST']._serialized_end=1642
+  _globals['_UPDATEINFO']._serialized_start=1645
+  _globals['_UPDATEINFO']._serialized_end=1817
+  _globals['_CHUNK']._serialized_start=1819
+  _globals['_CHUNK']._serialized_end=1856
+  _globals['_GETUPDATERESPONSE']._serialized_start=1858
+  _globals['_GETUPDATERESPONSE']._serialized_end=1963
+  _globals['_WATCHUPDATESREQUEST']._serialized_start=1965
+  _globals['_WATCHUPDATESREQUEST']._serialized_end=2027
+  _globals['_WATCHUPDATESRESPONSE']._serialized_start=2029
+  _globals['_WATCHUPDATESRESPONSE']._serialized_end=2115
+  _globals['_EDGEFLEET']._serialized_start=2118
+  _globals['_EDGEFLEET']._serialized_end=2533
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class Budget(_message.Message):
     def __init__(self, latency_ms: _Optional[float] = ..., memory_mb: _Optional[float] = ..., energy_mj: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("model_hash", "active_subnet", "budget", "metrics", "state", "last_error", "samples_pending")
+    __slots__ = ("model_hash", "active_subnet", "budget", "metrics", "state", "last_error", "samples_pending", "rollbacks")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class HeartbeatRequest(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PENDING_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     model_hash: str
     active_subnet: int
     budget: Budget
@@ -74,7 +75,18 @@ class HeartbeatRequest(_message.Message):
     state: str
     last_error: str
     samples_pending: int
-    def __init__(self, model_hash: _Optional[str] = ..., active_subnet: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., samples_pending: _Optional[int] = ...) -> None: ...
+    rollbacks: _containers.RepeatedCompositeFieldContainer[UpdateReport]
+    def __init__(self, model_hash: _Optional[str] = ..., active_subnet: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., samples_pending: _Optional[int] = ..., rollbacks: _Optional[_Iterable[_Union[UpdateReport, _Mapping]]] = ...) -> None: ...
+
+class UpdateReport(_message.Message):
+    __slots__ = ("model_hash", "reason", "at_ms")
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    model_hash: str
+    reason: str
+    at_ms: int
+    def __init__(self, model_hash: _Optional[str] = ..., reason: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("target_model_hash", "heartbeat_interval_s", "server_time_unix_ms", "target_subnet_accuracy")

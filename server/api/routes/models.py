@@ -51,7 +51,7 @@ def _public(mv: ModelVersion, full: Artefact | None) -> ModelVersionPublic:
     return ModelVersionPublic(
         number=mv.number, model_hash=mv.model_hash, parent_hash=mv.parent_hash, method=mv.method,
         metrics=mv.metrics or {}, created_at=mv.created_at, round_id=mv.round_id,
-        fleet_default=mv.fleet_default, reinit_seed=mv.reinit_seed,
+        fleet_default=mv.fleet_default, lineage=mv.lineage, reinit_seed=mv.reinit_seed,
         full_artefact_sha256=mv.full_artefact_sha256, full_artefact_size=full.size if full else 0,
         arch=json.loads(mv.arch_json),
     )
@@ -69,13 +69,15 @@ def list_models(
     session: SessionDep,
     offset: Annotated[int, Query(ge=0, description="Versions to skip.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+    lineage: Annotated[str | None, Query(max_length=96, description="Only this lineage's versions, e.g. 'tag:site-a'.")] = None,
 ) -> ModelVersionsPublic:
-    """Published model versions, newest first."""
-    count = session.scalar(select(func.count()).select_from(ModelVersion)) or 0
+    """Published model versions, newest first (each cohort lineage is a head of its own)."""
+    where = [ModelVersion.lineage == lineage] if lineage is not None else []
+    count = session.scalar(select(func.count()).select_from(ModelVersion).where(*where)) or 0
     rows = session.execute(
         select(ModelVersion, Artefact)
         .join(Artefact, Artefact.sha256 == ModelVersion.full_artefact_sha256, isouter=True)
-        .order_by(ModelVersion.number.desc()).offset(offset).limit(limit)
+        .where(*where).order_by(ModelVersion.number.desc()).offset(offset).limit(limit)
     ).all()
     return ModelVersionsPublic(data=[_public(mv, art) for mv, art in rows], count=count)
 

@@ -33,7 +33,7 @@ CANCELLED = "cancelled by an operator"
 def summary(rnd: Round) -> RoundSummaryPublic:
     return RoundSummaryPublic(
         id=rnd.id, status=rnd.status, reason=rnd.reason, method=rnd.method, cohort=rnd.cohort or {},
-        params=rnd.params or {}, progress=rnd.progress, progress_message=rnd.progress_message,
+        lineage=rnd.lineage, data_scope=rnd.data_scope, params=rnd.params or {}, progress=rnd.progress, progress_message=rnd.progress_message,
         base_model_hash=rnd.base_model_hash, model_hash=rnd.model_hash, metrics=rnd.metrics or {},
         created_at=rnd.created_at, started_at=rnd.started_at, finished_at=rnd.finished_at,
         devices_total=len(rnd.device_ids or []),
@@ -42,7 +42,8 @@ def summary(rnd: Round) -> RoundSummaryPublic:
 
 @router.post("", status_code=202, response_model=RoundPublic, responses=responses(404, 413))
 def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx: CtxDep) -> RoundPublic:
-    """Queue a round; the worker trains, and on success publishes a version for the cohort.
+    """Queue a round; a worker trains it on the cohort's samples (``data_scope``), from the
+    version the cohort runs, and on success publishes a version of the cohort's lineage.
     Params are checked now (so a typo fails here, not in the worker) and stored resolved.
     Unknown device ids in the cohort are a 404."""
     policy = get_policy(body.method)
@@ -50,7 +51,8 @@ def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx
         params = policy.parse_params(body.params)
     except ValidationError as exc:
         raise InvalidArgumentError(f"invalid params for method {body.method!r}: {format_errors(exc.errors())}") from None
-    rnd = R.create_round(session, method=body.method, cohort=body.cohort.as_dict(), params=params.model_dump(mode="json"))
+    rnd = R.create_round(session, method=body.method, cohort=body.cohort.as_dict(), params=params.model_dump(mode="json"),
+                         data_scope=body.data_scope)
     session.commit()
     ctx.rounds_wakeup.notify()
     response.headers["Location"] = f"/api/v1/rounds/{rnd.id}"

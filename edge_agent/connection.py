@@ -1,0 +1,116 @@
+"""What the agent's services share about the server: identity, credential, the server's
+latest word (target version, heartbeat interval, subnet accuracies), and the last error.
+
+Services never set each other's attributes; they call these methods, each of which takes
+the lock it needs, and wait on :attr:`Connection.target_changed` for a new target.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from edge_agent.client import FleetClient
+from edge_agent.identity import Identity, hardware_id, load_identity, save_identity
+from edge_agent.settings import AgentSettings
+
+log = logging.getLogger(__name__)
+AGENT_VERSION = "0.1.0"
+
+
+class Connection:
+    def __init__(self, settings: AgentSettings, client: FleetClient) -> None:
+        self.settings = settings
+        self.client = client
+        self._lock = threading.Lock()
+        self._identity: Identity | None = load_identity(settings.data_dir)
+        if self._identity is not None:
+            client.credential = self._identity.credential
+            if self._identity.server != settings.server:
+                log.info("identity was issued by %s; keeping it for %s", self._identity.server,
+                         settings.server)
+        self.connected = False
+        self.heartbeat_interval = settings.heartbeat_interval_s or 5.0
+        self._target = ""
+        self.target_changed = threading.Event()  # set whenever the server names a new target
+        self._subnet_accuracy: dict[str, list[float]] = {}
+        self._last_error = ""
+
+    # --- identity -------------------------------------------------------------------------
+    @property
+    def identity(self) -> Identity | None:
+        return self._identity
+
+    @property
+    def registered(self) -> bool:
+        return self._identity is not None
+
+    def ensure_identity(self) -> Identity:
+        """The device identity, registering first if there is none (raises ClientError)."""
+        with self._lock:
+            if self._identity is not None:
+                return self._identity
+            s = self.settings
+            resp = self.client.register(enrollment_token=s.enrollment_token,
+                                        hardware_id=hardware_id(s.data_dir, s.hardware_id),
+                                        name=s.name, tags=s.tag_list, agent_version=AGENT_VERSION)
+            identity = Identity(resp.device_id, resp.device_credential, s.server)
+            save_identity(s.data_dir, identity)
+            self.client.credential = resp.device_credential
+            self._identity = identity
+            self.suggest_interval(resp.heartbeat_interval_s)
+            log.info("registered as device %s", resp.device_id)
+            return identity
+
+    def forget_identity(self) -> None:
+        """The server rejected the credential: the next ensure_identity registers again."""
+        with self._lock:
+            if self._identity is None:
+                return
+            log.warning("server rejected our credential; registering again")
+            self._identity = None
+            self.client.credential = ""
+
+    # --- link state -----------------------------------------------------------------------
+    def online(self) -> None:
+        self.connected = True
+
+    def offline(self, exc: Exception) -> None:
+        if self.connected:
+            log.warning("server unreachable: %s", exc)
+        self.connected = False
+
+    def suggest_interval(self, seconds: float) -> None:
+        """The server's heartbeat interval, unless the settings fix one."""
+        if not self.settings.heartbeat_interval_s and seconds > 0:
+            self.heartbeat_interval = seconds
+
+    # --- the server's word ----------------------------------------------------------------
+    @property
+    def target(self) -> str:
+        return self._target
+
+    def set_target(self, model_hash: str) -> None:
+        if model_hash and model_hash != self._target:
+            self._target = model_hash
+            self.target_changed.set()
+
+    def set_subnet_accuracy(self, model_hash: str, accuracies: list[float]) -> None:
+        with self._lock:
+            self._subnet_accuracy[model_hash] = list(accuracies)
+
+    def subnet_accuracy(self, model_hash: str) -> list[float] | None:
+        with self._lock:
+            return self._subnet_accuracy.get(model_hash)
+
+    # --- the operator's view of what went wrong last -------------------------------------
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    def report_error(self, message: str) -> None:
+        # Heartbeats carry it; the server refuses more than 4096 characters.
+        self._last_error = message if len(message) <= 4096 else message[:4093] + "..."
+
+    def clear_error(self) -> None:
+        self._last_error = ""
