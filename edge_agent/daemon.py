@@ -72,7 +72,7 @@ class Agent:
             queue=self.queue, local_data=self.local_data, observe=self.governor.observe)
         self.uploader = UploaderService(self.conn, self.queue, batch=s.upload_batch,
                                         interval_s=s.upload_interval_s, backoff=self._backoff())
-        self.updater = UpdaterService(self.conn, self.machine, self._running_hash, poll_s=1.0,
+        self.updater = UpdaterService(self.conn, self.machine, self._running_hash,
                                       retry=self._backoff(4), link_backoff=self._backoff())
         self.watcher = WatcherService(self.conn, self._running_hash, self._backoff())
         self.services: list[Service] = [self.inference, self.uploader, self.reporter, self.updater,
@@ -98,7 +98,7 @@ class Agent:
             log.exception("installed model %s does not load", installed.model_hash[:12])
 
     def _make_learner(self):
-        if getattr(self.settings, "learner", "none") == "none":
+        if self.settings.learner == "none":
             return None
         from edge_agent.learner import LearnerService
         from edge_agent.personal_store import PersonalStore

@@ -105,8 +105,11 @@ class UpdateMachine:
         if self.rejected(target) is not None:
             raise UpdateStateError(f"model {target[:12]} was rolled back here; it is not retried")
         self._working, self._downloaded, self._chain = None, None, []
+        previous = self.ctx.store.current_hash() or ""
+        if previous == target:  # stored but not running (it failed to load at start-up): redo it
+            previous = self.ctx.store.previous_hash() or ""
         self._fire(E.START, f"server names {target[:12]}", target_hash=target,
-                   previous_hash=self.ctx.store.current_hash() or "", probation=None)
+                   previous_hash=previous, probation=None)
 
     def run(self, wanted: str | None) -> State:
         """Act on working states until a resting one, or until the download is suspended

@@ -29,7 +29,7 @@ from edge_agent.download import atomic_write
 
 log = logging.getLogger(__name__)
 
-SCHEMA = 1  # bump when the record's fields change meaning; older files are migrated in _parse
+SCHEMA = 1  # bump when the record's fields change meaning (a file of another schema is set aside)
 MAX_ROLLBACKS = 32  # rollback reports kept (they are also the never-retry list)
 MAX_RESUMES = 3  # start-ups during one update before it counts as a crash loop
 MAX_REASON = 1024  # characters; the server refuses longer rollback reasons

@@ -23,7 +23,7 @@ class UpdaterService:
     name = "updater"
 
     def __init__(self, conn: Connection, machine: UpdateMachine, running_hash: Callable[[], str], *,
-                 poll_s: float, retry: Backoff, link_backoff: Backoff) -> None:
+                 retry: Backoff, link_backoff: Backoff, poll_s: float = 1.0) -> None:
         self.conn = conn
         self.machine = machine
         self._running_hash = running_hash

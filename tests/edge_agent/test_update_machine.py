@@ -115,7 +115,10 @@ def boot(root: Path, server: ArtefactServer, local: LocalDataset, *, runner: Mod
     runner = runner or ModelRunner()
     current = store.current()
     if current is not None:
-        runner.load(current.arch, current.state, current.model_hash)
+        try:
+            runner.load(current.arch, current.state, current.model_hash)
+        except RuntimeError:  # as the daemon does: logged; the update machine sorts it out
+            pass
     updater = Updater(server, root, max_artefact_bytes=1 << 24, chunk_bytes=CHUNK)
     chain: list[str] = []
     machine = UpdateMachine(UpdateContext(updater, store, runner, local, config),
@@ -446,3 +449,15 @@ def test_a_crash_loop_before_the_switch_fails_the_update(world, monkeypatch):
     assert last.machine.state is S.FAILED and "state loop" in last.machine.record.reason
     assert last.runner.model_hash == world["bad"] and last.machine.rejected(world["good"]) is None
     assert not any((world["root"] / "downloads").iterdir())  # nothing left to resume into
+
+
+def test_a_stored_target_that_did_not_load_at_start_up_is_installed_again(world):
+    """The store points at the target but the runner could not load it when the agent
+    started: the update starts from the store's previous model, not from the target."""
+    agent = _agent_on(world, world["bad"])
+    _install(world, agent, world["good"])  # store: good (previous: bad)
+    fresh = boot(world["root"], world["server"], world["local"], runner=FailingLoadRunner(world["good"]))
+    assert not fresh.runner.ready
+    assert _update(fresh, world["good"]) is S.ROLLED_BACK  # it still does not load here
+    assert fresh.machine.record.previous_hash == world["bad"]
+    assert fresh.store.current_hash() == fresh.runner.model_hash == world["bad"]
