@@ -119,9 +119,13 @@ class Agent:
             t.start()
             self._threads.append(t)
         if self.learner is not None:
+            # Declare the committed base before the thread starts, so it never derives on a
+            # model still on probation ("" = nothing committed yet, e.g. a new device).
+            if self.machine.state in (State.PROBATION, State.ROLLING_BACK):
+                self.learner.base_changed(self.machine.record.previous_hash or "")
+            else:
+                self.learner.base_changed(self.store.current_hash() or "")
             self.learner.start()
-            if self.machine.state in (State.PROBATION, State.ROLLING_BACK):  # not committed yet
-                self.learner.base_changed(self.machine.record.previous_hash or None)
         if self.settings.status_port >= 0:
             self.status_server = StatusServer(
                 self.settings.status_host, self.settings.status_port, self.status,

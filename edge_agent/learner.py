@@ -122,10 +122,14 @@ class LearnerService:
         self._thread = None
 
     def base_changed(self, model_hash: str | None = None) -> None:
-        """The runner's base (or ``model_hash``) is now the committed fleet model."""
+        """``model_hash`` (None: the runner's base) is now the committed fleet model; ``""``
+        says nothing is committed yet (a new device's first model is still on probation), so
+        nothing is derived until a commit is declared."""
         with self._cond:
             base = self.runner.base()
-            self._committed = model_hash or (base[2] if base is not None else None)
+            if model_hash is None:
+                model_hash = base[2] if base is not None else ""
+            self._committed = model_hash
             self._outcome_base = None  # re-decide even for a base seen before (rollback)
             self._wake = True
             self._cond.notify_all()

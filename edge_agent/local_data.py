@@ -66,12 +66,19 @@ class LocalDataset:
 
     def add(self, x: np.ndarray, label: int) -> None:
         """Store one labelled input durably; drops the oldest entries past ``max_items``."""
-        payload = encode_sample(np.asarray(x))
+        self.add_many([(x, label)])
+
+    def add_many(self, items: list[tuple[np.ndarray, int]]) -> None:
+        """Store labelled inputs in one transaction (one fsync per inference batch, not per
+        input: SD cards are slow to sync); drops the oldest entries past ``max_items``."""
+        if not items:
+            return
+        rows = [(encode_sample(np.asarray(x)), int(label), time.time()) for x, label in items]
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("INSERT INTO labelled (payload, label, added_at) VALUES (?, ?, ?)",
-                                   (payload, int(label), time.time()))
+                self._conn.executemany(
+                    "INSERT INTO labelled (payload, label, added_at) VALUES (?, ?, ?)", rows)
                 self._conn.execute(
                     "DELETE FROM labelled WHERE seq <= (SELECT MAX(seq) FROM labelled) - ?",
                     (self.max_items,))
@@ -79,7 +86,7 @@ class LocalDataset:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            self._added += 1
+            self._added += len(rows)
 
     @property
     def added(self) -> int:

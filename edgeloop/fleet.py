@@ -237,7 +237,10 @@ def render_table(rows: list[RoundRow], console: Console) -> None:
             per_agent = f"{min(sent):,} - {max(sent):,}"
         full = r.metrics.get("full_model_bytes")
         ratio = f"{100 * max(sent) / full:.2f}%" if sent and full else "-"
-        method = r.metrics.get("variant", "") + (f" k={r.metrics['k']:g}" if r.metrics.get("variant") not in (None, "full") else "")
+        variant = r.metrics.get("variant") or ""
+        # "full" and "<objective>-full" (a first round fitted in full) ship every weight: no k.
+        full = variant == "full" or variant.endswith("-full") or "k" not in r.metrics
+        method = variant + ("" if full else f" k={r.metrics['k']:g}")
         table.add_row(str(r.round), method or "-", r.status if r.status != "skipped" else f"skipped ({r.reason[:40]})",
                       str(r.labelled_samples), f"{_fmt_acc(r.base_val_accuracy)} -> {_fmt_acc(r.val_accuracy)}",
                       "/".join(f"{100 * a:.1f}" for a in r.metrics.get("subnet_val_accuracy") or []) or "-",

@@ -87,9 +87,8 @@ class InferenceService:
                 preds, confs, hashes = out.pred, out.conf, [out.model_hash] * len(batch)
             for o, p, c, h in zip(batch, preds, confs, hashes, strict=True):
                 self.predictions.add(int(p), float(c), o.label, h, now)
-        for o in batch:
-            if o.label is not None:  # probation and the learner judge on these
-                self.local_data.add(o.x, o.label)
+        # Probation and the learner judge on these; one transaction per batch.
+        self.local_data.add_many([(o.x, o.label) for o in batch if o.label is not None])
         for i, o in enumerate(batch):
             confidence = float(confs[i]) if confs is not None else 0.0
             if not self.policy.should_upload(confidence):
