@@ -106,25 +106,30 @@ class Agent:
         return LearnerService(self.settings, self.runner, PersonalStore(self.store.root), self.local_data)
 
     def _on_outcome(self, record: UpdateRecord) -> None:
-        """An update reached a resting state: tell the server and the services that care."""
-        self.reporter.wake()
-        self.governor.wake()
+        """An update reached a resting state: tell the server and the services that care.
+
+        The heartbeat waits for the governor to have profiled the model now running (on the
+        governor's thread; inference never waits), so the server's first view of a new
+        DRESS model carries its governor metrics, as it did when one loop did both."""
+        self.governor.refresh_then(self.reporter.wake)
         if self.learner is not None and record.state in (State.COMMITTED, State.ROLLED_BACK):
             self.learner.base_changed(self.store.current_hash())
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        if self.learner is not None:
+            # Declare the committed base before any thread starts, so the learner never
+            # derives on a model still on probation ("" = nothing committed yet, e.g. a new
+            # device), and the updater's first outcome cannot be overwritten by this one.
+            if self.machine.state in (State.PROBATION, State.ROLLING_BACK):
+                self.learner.base_changed(self.machine.record.previous_hash or "")
+            else:
+                self.learner.base_changed(self.store.current_hash() or "")
         for service in self.services:
             t = threading.Thread(target=self._guard, args=(service,), name=service.name, daemon=True)
             t.start()
             self._threads.append(t)
         if self.learner is not None:
-            # Declare the committed base before the thread starts, so it never derives on a
-            # model still on probation ("" = nothing committed yet, e.g. a new device).
-            if self.machine.state in (State.PROBATION, State.ROLLING_BACK):
-                self.learner.base_changed(self.machine.record.previous_hash or "")
-            else:
-                self.learner.base_changed(self.store.current_hash() or "")
             self.learner.start()
         if self.settings.status_port >= 0:
             self.status_server = StatusServer(

@@ -1,6 +1,7 @@
 """Personal models on disk, beside the fleet models and never uploaded.
 
-Layout under ``root`` (the agent's data_dir, the same root as :class:`ModelStore`)::
+Layout under ``root``, the same root as :class:`ModelStore` (the agent's is
+``data_dir/models``), so personal models sit in the fleet models' own directory::
 
     models/personal/<base_hash>.<learner>.safetensors    personal/v1 artefacts
 

@@ -75,7 +75,7 @@ class UpdateMachine:
         self.max_resumes = max_resumes
         self.record = state_file.load()
         self.scores: dict[str, float] = {}  # model hash -> accuracy on the local labels
-        self._lock = threading.Lock()  # one driver at a time
+        self._lock = threading.Lock()  # one driver (start or run) at a time
         # In-memory progress of the current update (lost on a crash; RESUME redoes it).
         self._working: Working | None = None
         self._downloaded: Downloaded | None = None
@@ -102,14 +102,15 @@ class UpdateMachine:
     # --- driving ----------------------------------------------------------------------------
     def start(self, target: str) -> None:
         """Begin an update to ``target`` from a resting state."""
-        if self.rejected(target) is not None:
-            raise UpdateStateError(f"model {target[:12]} was rolled back here; it is not retried")
-        self._working, self._downloaded, self._chain = None, None, []
-        previous = self.ctx.store.current_hash() or ""
-        if previous == target:  # stored but not running (it failed to load at start-up): redo it
-            previous = self.ctx.store.previous_hash() or ""
-        self._fire(E.START, f"server names {target[:12]}", target_hash=target,
-                   previous_hash=previous, probation=None)
+        with self._lock:
+            if self.rejected(target) is not None:
+                raise UpdateStateError(f"model {target[:12]} was rolled back here; it is not retried")
+            self._working, self._downloaded, self._chain = None, None, []
+            previous = self.ctx.store.current_hash() or ""
+            if previous == target:  # stored but not running (failed to load at start-up): redo it
+                previous = self.ctx.store.previous_hash() or ""
+            self._fire(E.START, f"server names {target[:12]}", target_hash=target,
+                       previous_hash=previous, probation=None)
 
     def run(self, wanted: str | None) -> State:
         """Act on working states until a resting one, or until the download is suspended

@@ -80,7 +80,6 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.INSTALLING,   E.INSTALLED):   S.PROBATION,
     (S.INSTALLING,   E.FAILED):      S.FAILED,        # the store refused: pointer not switched
     (S.INSTALLING,   E.REJECTED):    S.ROLLING_BACK,  # switched, but the model will not load
-    (S.INSTALLING,   E.LOOP):        S.ROLLING_BACK,
     (S.PROBATION,    E.PASSED):      S.COMMITTED,
     (S.PROBATION,    E.REJECTED):    S.ROLLING_BACK,
     (S.PROBATION,    E.LOOP):        S.ROLLING_BACK,  # it keeps killing the agent: take it out

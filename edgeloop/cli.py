@@ -57,7 +57,8 @@ def server_run(
     ready_file: Annotated[Path | None, typer.Option(help="Write the bound ports here as JSON once serving.")] = None,
     log_level: Annotated[str | None, typer.Option(help="EDGELOOP_LOG_LEVEL")] = None,
 ) -> None:
-    """Start the server: migrate the database, then serve REST + gRPC and run rounds."""
+    """Start the server: migrate the database, then serve REST + gRPC and run rounds (unless
+    EDGELOOP_EMBEDDED_WORKER=false leaves them to `server worker` processes)."""
     from edgeloop.logs import setup_logging
 
     settings = _server_settings(data_dir=data_dir, database_url=database_url, rest_host=rest_host,

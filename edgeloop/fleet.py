@@ -85,6 +85,20 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "edgeloop"]
 
 
+def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+    """SIGTERM every process still running, then SIGKILL each one that has not exited
+    ``timeout_s`` seconds later (all are asked first, so they shut down in parallel)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 class LocalFleet:
     def __init__(self, cfg: FleetConfig) -> None:
         self.cfg = cfg
@@ -137,16 +151,7 @@ class LocalFleet:
                 env=agent_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True))
 
     def stop(self) -> None:
-        procs = [*self.agents, *([self.server] if self.server else [])]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes([*self.agents, *([self.server] if self.server else [])])
         if self.api is not None:
             self.api.close()
         if self._tmp:
@@ -196,9 +201,7 @@ class LocalFleet:
             report = self.get(f"/rounds/{round_id}")
             if report["status"] in ("skipped", "failed"):
                 break
-            # A device whose probation rolled the version back is done with it too.
-            settled = report["devices_on_version"] + len(report.get("rollbacks", []))
-            if report["status"] == "done" and settled >= report["devices_total"]:
+            if report["status"] == "done" and _settled(report):
                 break
             time.sleep(0.3)
         devices = {d["id"]: d for d in self.get("/devices?limit=1000")["data"]}
@@ -216,6 +219,14 @@ class LocalFleet:
             agent_accuracy=sum(accs) / len(accs) if accs else None, wall_s=time.monotonic() - t0,
             model_hash=report.get("model_hash"), metrics=m,
         )
+
+
+def _settled(report: dict[str, Any]) -> bool:
+    """Every device of the round is done with its version: committed it (a device on probation
+    already runs it, but may still roll it back), or rolled it back."""
+    rolled_back = {r["device_id"] for r in report.get("rollbacks", [])}
+    return all(d["device_id"] in rolled_back or (d["on_version"] and d["state"] == "committed")
+               for d in report.get("devices", []))
 
 
 def _fmt_acc(a: float | None) -> str:

@@ -2,12 +2,14 @@
 # Install EdgeLoop with its test dependencies into ./.venv and run the test suite.
 #   scripts/test.sh            # the CI suite (skips tests marked slow)
 #   scripts/test.sh -m slow    # extra pytest arguments are passed through
-# Without arguments (the CI suite) it type-checks first: mypy on the files [tool.mypy] in
-# pyproject.toml names (shared/, server/training); a type error fails the run before pytest.
+# Without arguments (the CI suite) it lints and type-checks first: ruff on the tree, mypy on
+# the files [tool.mypy] in pyproject.toml names (shared/, server/training); a lint or type
+# error fails the run before pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh server,data,bench,dev
 if [ "$#" -eq 0 ]; then
+  .venv/bin/python -m ruff check .
   echo "mypy: $(.venv/bin/python -m mypy --version)"
   .venv/bin/python -m mypy
   set -- -m "not slow"

@@ -1,5 +1,5 @@
-"""One server process: gRPC for agents, REST for operators, and the round worker, sharing a
-database and a blob store."""
+"""One server process: gRPC for agents, REST for operators, and (unless turned off) a round
+worker, sharing a database and a blob store; or a worker process that runs rounds only."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -35,20 +36,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _round_worker(ctx: ServerContext) -> RoundWorker:
+    return RoundWorker(ctx.settings, ctx.factory, ctx.blobs, rounds_wakeup=ctx.rounds_wakeup,
+                       targets_changed=ctx.targets_changed)
+
+
+def _serve_until_signalled(stop: Callable[[], None]) -> None:
+    """Block until SIGINT or SIGTERM, then ``stop()`` (an orderly shutdown, not a kill)."""
+    requested = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: requested.set())
+    requested.wait()
+    stop()
+
+
 class EdgeLoopServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.ctx = ServerContext.open(settings, run_migrations=settings.migrate_on_start)
-        self.worker = RoundWorker(settings, self.ctx.factory, self.ctx.blobs,
-                                  rounds_wakeup=self.ctx.rounds_wakeup, targets_changed=self.ctx.targets_changed
-                                  ) if settings.embedded_worker else None
+        self.worker = _round_worker(self.ctx) if settings.embedded_worker else None
         self.grpc_port = 0
         self.rest_port = 0
         self._grpc: grpc.Server | None = None
         self._uvicorn: uvicorn.Server | None = None
         self._rest_thread: threading.Thread | None = None
         self._stopped = threading.Event()
-        self._shutdown_requested = threading.Event()
 
     def start(self) -> None:
         s = self.settings
@@ -101,10 +113,7 @@ class EdgeLoopServer:
         self.ctx.close()
 
     def serve_forever(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._shutdown_requested.set())
-        self._shutdown_requested.wait()
-        self.stop()
+        _serve_until_signalled(self.stop)
 
 
 class WorkerProcess:
@@ -114,9 +123,7 @@ class WorkerProcess:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.ctx = ServerContext.open(settings, run_migrations=settings.migrate_on_start)
-        self.worker = RoundWorker(settings, self.ctx.factory, self.ctx.blobs,
-                                  rounds_wakeup=self.ctx.rounds_wakeup, targets_changed=self.ctx.targets_changed)
-        self._shutdown_requested = threading.Event()
+        self.worker = _round_worker(self.ctx)
 
     def start(self) -> None:
         self.worker.start()
@@ -129,7 +136,4 @@ class WorkerProcess:
         self.ctx.close()
 
     def serve_forever(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self._shutdown_requested.set())
-        self._shutdown_requested.wait()
-        self.stop()
+        _serve_until_signalled(self.stop)

@@ -7,10 +7,11 @@ database. A round's life in transactions:
 2. start: the cohort, its base version, its labelled data and the policy's carried state
    (with the generation read) for the round's lineage;
 3. train, outside any transaction, while a heartbeat thread keeps the claim alive;
-4. finish, in one transaction: mark skipped, or publish the version(s), retarget the cohort
-   and mark done; the carried state is saved in that same transaction, conditional on the
+4. finish, in one transaction, only while the round is still this worker's: mark skipped, or
+   publish the version(s), retarget the cohort and mark done; the carried state (which a
+   skipping policy may advance too) is saved in that same transaction, conditional on the
    generation read at the start, so a round never ships a model whose state was not kept,
-   nor keeps state for a model it did not ship.
+   and a round that fails or was taken from its worker keeps nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -98,9 +100,9 @@ class RoundWorker:
         current = self._current
         if self._thread.is_alive() and current is not None:
             with transaction(self.factory) as s:
-                rnd = R.get_round(s, current, for_update=True)
-                if rnd.status in R.ACTIVE and rnd.worker_id == self.worker_id:
-                    R.transition(s, rnd, R.FAILED, reason="interrupted: its worker was stopped mid-round")
+                if R.heartbeat(s, current, self.worker_id):  # still ours, and held until the commit
+                    R.transition(s, R.get_round(s, current, for_update=True), R.FAILED,
+                                 reason="interrupted: its worker was stopped mid-round")
         R.set_worker_live(self.worker_id, False)
 
     def _loop(self) -> None:
@@ -143,18 +145,20 @@ class RoundWorker:
         try:
             with self._heartbeat(round_id):
                 self._run(round_id)
+        except RoundLostError as exc:  # failed by someone else meanwhile: its reason stands
+            log.warning("%s", exc)
         except Exception as exc:  # noqa: BLE001
             log.exception("round %s failed", round_id)
             with transaction(self.factory) as s:
-                rnd = R.get_round(s, round_id, for_update=True)
-                if rnd.status not in R.TERMINAL and rnd.worker_id == self.worker_id:
-                    R.transition(s, rnd, R.FAILED, reason=f"{type(exc).__name__}: {exc}")
+                if R.heartbeat(s, round_id, self.worker_id):  # still ours, and held until the commit
+                    R.transition(s, R.get_round(s, round_id, for_update=True), R.FAILED,
+                                 reason=f"{type(exc).__name__}: {exc}")
         finally:
             self._current = None
         return True
 
     @contextmanager
-    def _heartbeat(self, round_id: str):  # type: ignore[no-untyped-def]
+    def _heartbeat(self, round_id: str) -> Iterator[None]:
         done = threading.Event()
 
         def beat() -> None:
@@ -226,8 +230,10 @@ class RoundWorker:
         return _Started(policy, inputs, rnd.lineage, generation, note)
 
     def _own(self, s: Session, round_id: str, status: str) -> Round:
+        """The round, held for this transaction, if it is still this worker's and in ``status``."""
+        owned = R.heartbeat(s, round_id, self.worker_id, status=status)
         rnd = R.get_round(s, round_id, for_update=True)
-        if rnd.worker_id != self.worker_id or rnd.status != status:
+        if not owned:
             raise RoundLostError(f"round {round_id} is {rnd.status} (worker {rnd.worker_id or '?'}); "
                                  "this worker's result is discarded")
         return rnd

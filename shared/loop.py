@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x, y) -> loss
@@ -34,6 +35,11 @@ FetchFn = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]  # indices -
 StepHook = Callable[[int], None]  # called with the 0-based index of the current step
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``model(x)``; ``x`` is already a model input (the fetch scaled it)."""
+    return F.cross_entropy(model(x), y)
 
 
 class TrainingDivergedError(RuntimeError):

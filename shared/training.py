@@ -6,10 +6,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from shared.loop import ProgressFn, Validation, epoch_batches, run_loop, steps_per_epoch
+from shared.loop import (
+    ProgressFn,
+    Validation,
+    cross_entropy,
+    epoch_batches,
+    run_loop,
+    steps_per_epoch,
+)
 from shared.tensors import to_model_input
 
 
@@ -83,7 +89,7 @@ def train_supervised(
         xv, yv = x_val, y_val
         validation = Validation(lambda m: accuracy(m, xv, yv))  # once per epoch
     out = run_loop(
-        model, opt, _cross_entropy, fetch, len(x),
+        model, opt, cross_entropy, fetch, len(x),
         batch_size=config.batch_size,
         num_steps=config.epochs * steps_per_epoch(len(x), config.batch_size),
         rng=np.random.Generator(np.random.PCG64(config.seed)),
@@ -93,7 +99,3 @@ def train_supervised(
         model.load_state_dict(out.best_state)
     best = out.best_metric if out.best_state is not None else -1.0
     return {"train_loss": out.epoch_loss, "val_accuracy": best}
-
-
-def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)

@@ -84,6 +84,38 @@ def server_ctx(server_settings):
     ctx.close()
 
 
+# --- small models and real datasets ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module's tests and its module-scoped fixtures: on two
+    shared cores more threads only add contention for these small models. Opt in per module
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """UCI hand-written digits (1x8x8 uint8 images, 10 classes) from ``shared.data``."""
+    from shared.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """Fashion-MNIST (1x28x28 uint8 images, 10 classes) from ``shared.data``."""
+    from shared.data import load_dataset
+
+    return load_dataset("fashion-mnist")
+
+
 # --- waiting on real processes (e2e tests) ---------------------------------------------------
 
 
@@ -115,20 +147,13 @@ def wait_until():
 def processes():
     """A list to append started ``subprocess.Popen`` objects to; each still running at teardown
     gets SIGTERM, then SIGKILL if it has not exited 20 s later."""
-    import signal
     import subprocess
+
+    from edgeloop.fleet import stop_processes
 
     procs: list[subprocess.Popen] = []
     yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_processes(procs, timeout_s=20)
 
 
 @pytest.fixture

@@ -2,7 +2,10 @@
 every ``governor_interval_s`` (and at once after a PUT /budget) let the
 :class:`~edge_agent.governor.BudgetGovernor` pick the subnet that fits the budgets in force
 (thesis §3.1) and switch the runner to it. Profiling runs on this service's thread; inference
-keeps running on the live runner meanwhile.
+keeps running on the live runner meanwhile. :meth:`GovernorService.refresh_then` runs a
+callback once that thread has profiled (and governed) the model running at the time of the
+call, so a heartbeat sent right after an update already carries the new model's governor
+metrics, with no second profile on another thread.
 """
 
 from __future__ import annotations
@@ -89,12 +92,23 @@ class GovernorService:
         self._profiled: tuple[str, bool] | None = None  # (model, with accuracies) last profiled
         self.profile_seconds = 0.0
         self._lock = threading.Lock()  # decide + apply: one decision lands at a time
+        self._pending: list[Callable[[], None]] = []  # refresh_then callbacks not yet run
+        self._pending_lock = threading.Lock()
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            # Taken before the refresh: each callback waits for a refresh that began after
+            # it was asked for (one asked meanwhile has set _wake and runs next time round).
+            with self._pending_lock:
+                pending, self._pending = self._pending, []
             self._refresh_safely()
             self.govern()
+            for callback in pending:
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - a listener must not stop the governor
+                    log.exception("governor refresh listener failed")
             self._wake.wait(self.settings.governor_interval_s)
             self._wake.clear()
 
@@ -103,6 +117,13 @@ class GovernorService:
 
     def wake(self) -> None:
         """Re-check at once (a new model is running)."""
+        self._wake.set()
+
+    def refresh_then(self, callback: Callable[[], None]) -> None:
+        """Re-check at once, and call ``callback`` on this service's thread once the model
+        running now is profiled (if it is new) and governed. Returns at once."""
+        with self._pending_lock:
+            self._pending.append(callback)
         self._wake.set()
 
     # --- profiles ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The updater service: when the server names a version other than the one running, drive the
 :class:`~edge_agent.update_machine.UpdateMachine` to it (download, verify, install, probation,
-commit or roll back). A failed update is retried with backoff; an interrupted download resumes
-from its part file; a version this device rolled back is ignored until the server names
-another one."""
+commit or roll back). A failed update is retried with backoff (a different target starts at
+once); an interrupted download resumes from its part file; a version this device rolled back
+is ignored until the server names another one."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class UpdaterService:
         self.retry = retry  # after a failed update
         self.link_backoff = link_backoff  # after an interrupted download
         self._next_try = 0.0
+        self._failed_target = ""  # the target _next_try holds back after a failure
         self._ignored = ""  # the rolled-back target last logged as ignored
 
     def interrupt(self) -> None:
@@ -53,8 +54,10 @@ class UpdaterService:
             if time.monotonic() >= self._next_try and (target or m.state is not State.DOWNLOADING):
                 return self._after(m.run(target or None))
             return m.state
-        if not target or target == self._running_hash() or time.monotonic() < self._next_try:
+        if not target or target == self._running_hash():
             return m.state
+        if target == self._failed_target and time.monotonic() < self._next_try:
+            return m.state  # retried once its backoff is over; another target starts at once
         report = m.rejected(target)
         if report is not None:
             if self._ignored != target:
@@ -76,6 +79,7 @@ class UpdaterService:
             log.error("update failed, keeping model %s: %s", self._running_hash()[:12] or "none", reason)
             self.conn.report_error(reason)
             self._next_try = now + self.retry.next_delay()
+            self._failed_target = self.machine.record.target_hash
         else:
             self.link_backoff.reset()
             if state is State.ROLLED_BACK:

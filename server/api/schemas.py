@@ -75,10 +75,11 @@ class DeviceStatusPublic(BodyOut):
     last_error: str = Field(description="The agent's last error message ('' if none).")
     samples_pending: int = Field(description="Samples waiting on the device to be uploaded.")
     update_state: str = Field(
-        "", description="Update lifecycle state the agent reported: idle, downloading, verifying, installing, "
-        "probation, rolling_back, committed, rolled_back or failed ('' before its first heartbeat).")
+        description="Update lifecycle state the agent reported: idle, downloading, verifying, installing, "
+        "probation, rolling_back, committed, rolled_back or failed: the heartbeat's state ('registered' before "
+        "the first heartbeat).")
     rollbacks: list[RollbackPublic] = Field(
-        default_factory=list, description="Versions the device rolled back after probation, oldest first "
+        description="Versions the device rolled back after probation, oldest first "
         "(at most 32); it will not install them again.")
 
 
@@ -172,7 +173,7 @@ class ModelVersionPublic(BodyOut):
     created_at: UtcDatetime = Field(description="Publish time (UTC).")
     round_id: str | None = Field(description="Round that produced it (null for version 0).")
     fleet_default: bool = Field(description="New devices and cohort-'all' rounds run the newest fleet default.")
-    lineage: str = Field("all", description="Lineage of the round that made it ('all' for version 0): each "
+    lineage: str = Field(description="Lineage of the round that made it ('all' for version 0): each "
                          "cohort's chain of versions is a head of its own.")
     reinit_seed: int | None = Field(description="Seed of the fresh initialisation it started from, if any.")
     full_artefact_sha256: str = Field(description="SHA-256 of the full-model artefact bytes.")
@@ -260,9 +261,9 @@ class RoundSummaryPublic(BodyOut):
     reason: str = Field(description="Why it was skipped or failed ('' otherwise).")
     method: str = Field(description="Update policy.")
     cohort: dict[str, Any] = Field(description="Cohort as requested.")
-    lineage: str = Field("all", description="The cohort's lineage: 'all', 'tag:<tag>' or 'devices:<16 hex>'. "
+    lineage: str = Field(description="The cohort's lineage: 'all', 'tag:<tag>' or 'devices:<16 hex>'. "
                          "Rounds of one lineage build on each other and run in order.")
-    data_scope: str = Field("cohort", description="'cohort': trained on the cohort's samples; 'all': on every sample.")
+    data_scope: Literal["cohort", "all"] = Field(description="'cohort': trained on the cohort's samples; 'all': on every sample.")
     params: dict[str, Any] = Field(description="Resolved policy parameters.")
     progress: float = Field(description="0..1.")
     progress_message: str = Field(description="Latest progress line from the worker.")
@@ -277,9 +278,12 @@ class RoundSummaryPublic(BodyOut):
 
 class RoundPublic(RoundSummaryPublic):
     devices: list[RoundDevicePublic] = Field(description="Delivery progress per targeted device.")
-    devices_on_version: int = Field(description="Targeted devices that report running the new version.")
+    devices_on_version: int = Field(
+        description="Targeted devices that run the new version and are past probation.")
+    devices_on_probation: int = Field(
+        description="Targeted devices that run the new version on probation (they may still roll it back).")
     rollbacks: list[RoundRollbackPublic] = Field(
-        default_factory=list, description="Devices that rolled this round's version back, and why.")
+        description="Devices that rolled this round's version back, and why.")
 
 
 class RoundsPublic(BodyOut):

@@ -46,9 +46,13 @@ class Device(Base):
     state: Mapped[str] = mapped_column(String(32), default="registered")
     last_error: Mapped[str] = mapped_column(Text, default="")
     samples_pending: Mapped[int] = mapped_column(BigInteger, default=0)
-    # Update lifecycle as the agent reports it, and the versions it rolled back (newest last).
-    update_state: Mapped[str] = mapped_column(String(32), default="")
+    # The versions the agent rolled back after probation (newest last; domain.devices).
     rollbacks: Mapped[list] = mapped_column(default=list)
+
+    @property
+    def update_state(self) -> str:
+        """The agent's update lifecycle state: its heartbeat's ``state`` (docs/protocol.md)."""
+        return self.state
 
 
 class Sample(Base):

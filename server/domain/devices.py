@@ -132,9 +132,8 @@ def record_heartbeat(
     device.budget = budget
     device.metrics = {k: float(v) for k, v in metrics.items()}
     device.state = _clip(state, 32, "state")
-    device.update_state = device.state
     if rollbacks:
-        device.rollbacks = merge_rollbacks(device.rollbacks or [], rollbacks)
+        device.rollbacks = merge_rollbacks(device.rollbacks or [], rollbacks)  # a new list: JSON change seen
     device.last_error = _clip(last_error, 4096, "last_error")
     device.samples_pending = max(0, int(samples_pending))
     device.last_seen_at = utcnow()
@@ -151,7 +150,7 @@ def merge_rollbacks(held: list[dict], reported: list[dict]) -> list[dict]:
         model_hash, at_ms = r.get("model_hash", ""), r.get("at_ms")
         if not re.fullmatch(r"[0-9a-f]{64}", str(model_hash)):
             raise InvalidArgumentError("rollbacks: model_hash must be 64 lowercase hex characters")
-        if not isinstance(at_ms, int) or at_ms < 0:
+        if not isinstance(at_ms, int) or isinstance(at_ms, bool) or at_ms < 0:
             raise InvalidArgumentError("rollbacks: at_ms must be a non-negative integer")
         entry = {"model_hash": model_hash, "reason": _clip(str(r.get("reason", "")), 1024, "rollback reason"),
                  "at_ms": at_ms}

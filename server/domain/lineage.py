@@ -15,23 +15,37 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.db.models import Device, ModelVersion
+from server.domain.devices import TAG
 from server.domain.errors import InvalidArgumentError
+from server.domain.versions import latest_version
 
 ALL = "all"
 DATA_SCOPES = ("cohort", "all")
 
 
+def validate_cohort(cohort: dict) -> dict:
+    """The cohort in its one stored form (device ids sorted and de-duplicated)."""
+    keys = set(cohort)
+    if keys == {"all"} and cohort["all"] is True:
+        return {"all": True}
+    if keys == {"device_ids"} and isinstance(cohort["device_ids"], list) and cohort["device_ids"]:
+        if not all(isinstance(d, str) for d in cohort["device_ids"]) or len(cohort["device_ids"]) > 10_000:
+            raise InvalidArgumentError("cohort.device_ids must be a list of up to 10000 device id strings")
+        return {"device_ids": sorted(set(cohort["device_ids"]))}
+    if keys == {"tag"} and isinstance(cohort["tag"], str) and TAG.match(cohort["tag"]):  # as devices' tags
+        return {"tag": cohort["tag"]}
+    raise InvalidArgumentError("cohort must be {'all': true}, {'device_ids': [...]} or {'tag': '...'}")
+
+
 def lineage_key(cohort: dict) -> str:
     """{"all": true} -> "all"; {"tag": t} -> "tag:<t>"; {"device_ids": [...]} ->
     "devices:<first 16 hex of sha256 of the sorted, de-duplicated ids joined by ','>"."""
-    if cohort.get("all") is True and set(cohort) == {"all"}:
+    cohort = validate_cohort(cohort)
+    if "all" in cohort:
         return ALL
-    if set(cohort) == {"tag"} and isinstance(cohort["tag"], str) and cohort["tag"]:
+    if "tag" in cohort:
         return f"tag:{cohort['tag']}"
-    if set(cohort) == {"device_ids"} and isinstance(cohort["device_ids"], list) and cohort["device_ids"]:
-        ids = sorted({str(d) for d in cohort["device_ids"]})
-        return "devices:" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16]
-    raise InvalidArgumentError("cohort must be {'all': true}, {'device_ids': [...]} or {'tag': '...'}")
+    return "devices:" + hashlib.sha256(",".join(cohort["device_ids"]).encode()).hexdigest()[:16]
 
 
 def validate_data_scope(scope: str) -> str:
@@ -51,7 +65,7 @@ def base_version(session: Session, devices: Iterable[Device], lineage: str) -> M
         ranked = sorted(versions.values(), key=lambda mv: (votes[mv.model_hash], mv.number), reverse=True)
         if ranked:
             return ranked[0]
-    newest = select(ModelVersion).order_by(ModelVersion.number.desc())
-    return (session.scalars(newest.where(ModelVersion.lineage == lineage)).first()
-            or session.scalars(newest.where(ModelVersion.fleet_default.is_(True))).first()
-            or session.scalars(newest).first())
+    fleet_default = (select(ModelVersion).where(ModelVersion.fleet_default.is_(True))
+                     .order_by(ModelVersion.number.desc()))
+    return (latest_version(session, lineage) or session.scalars(fleet_default).first()
+            or latest_version(session))

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, aliased
 from server.db.base import utcnow
 from server.db.models import Delivery, Device, Round
 from server.domain.devices import resolve_cohort
-from server.domain.errors import ConflictError, InvalidArgumentError, NotFoundError
-from server.domain.lineage import lineage_key, validate_data_scope
+from server.domain.errors import ConflictError, NotFoundError
+from server.domain.lineage import lineage_key, validate_cohort, validate_data_scope
 
 QUEUED, TRAINING, PUBLISHING, DONE, SKIPPED, FAILED = "queued", "training", "publishing", "done", "skipped", "failed"
 TERMINAL = frozenset({DONE, SKIPPED, FAILED})
@@ -32,19 +32,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     SKIPPED: frozenset(),
     FAILED: frozenset(),
 }
-
-
-def validate_cohort(cohort: dict) -> dict:
-    keys = set(cohort)
-    if keys == {"all"} and cohort["all"] is True:
-        return {"all": True}
-    if keys == {"device_ids"} and isinstance(cohort["device_ids"], list) and cohort["device_ids"]:
-        if not all(isinstance(d, str) for d in cohort["device_ids"]) or len(cohort["device_ids"]) > 10_000:
-            raise InvalidArgumentError("cohort.device_ids must be a list of up to 10000 device id strings")
-        return {"device_ids": sorted(set(cohort["device_ids"]))}
-    if keys == {"tag"} and isinstance(cohort["tag"], str) and cohort["tag"]:
-        return {"tag": cohort["tag"]}
-    raise InvalidArgumentError("cohort must be {'all': true}, {'device_ids': [...]} or {'tag': '...'}")
 
 
 def create_round(session: Session, *, method: str, cohort: dict, params: dict, data_scope: str = "cohort") -> Round:
@@ -139,10 +126,14 @@ def set_worker_live(worker_id: str, live: bool) -> None:
     (_LIVE_WORKERS.add if live else _LIVE_WORKERS.discard)(worker_id)
 
 
-def heartbeat(session: Session, round_id: str, worker_id: str) -> bool:
-    """Say the worker is still running the round; False if the round is no longer its own."""
+def heartbeat(session: Session, round_id: str, worker_id: str, *, status: str | None = None) -> bool:
+    """Say the worker is still running the round (in ``status``, if given); False if the round
+    is no longer its own. A write, so it also holds the round until the transaction ends: the
+    row lock on PostgreSQL, the database's write lock on SQLite (where FOR UPDATE is a no-op),
+    and no reaper can fail the round between this check and the caller's commit."""
     res = session.execute(
-        update(Round).where(Round.id == round_id, Round.worker_id == worker_id, Round.status.in_(ACTIVE))
+        update(Round).where(Round.id == round_id, Round.worker_id == worker_id,
+                            Round.status.in_(ACTIVE) if status is None else Round.status == status)
         .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)
     )
     return res.rowcount == 1
@@ -186,12 +177,17 @@ def fail_interrupted(session: Session, *, stale_after_s: float | None = None) ->
     for rid, wid, beat in session.execute(
         select(Round.id, Round.worker_id, Round.heartbeat_at).where(Round.status.in_(ACTIVE))
     ).all():
-        silent = stale_after_s is not None and (beat is None or (now - _aware(beat)).total_seconds() > stale_after_s)
-        if not (_worker_gone(wid) or silent):
+        owned = [Round.id == rid, Round.worker_id == wid, Round.status.in_(ACTIVE)]
+        if _worker_gone(wid):
+            why = "has exited"
+        elif stale_after_s is not None and (beat is None or (now - _aware(beat)).total_seconds() > stale_after_s):
+            why = f"sent no heartbeat for {stale_after_s:g} s"
+            # ...and still none: a beat landing after the read above keeps the round alive.
+            owned.append(Round.heartbeat_at.is_(None) if beat is None else Round.heartbeat_at == beat)
+        else:
             continue
-        why = "has exited" if _worker_gone(wid) else f"sent no heartbeat for {stale_after_s:g} s"
         res = session.execute(
-            update(Round).where(Round.id == rid, Round.worker_id == wid, Round.status.in_(ACTIVE))
+            update(Round).where(*owned)
             .values(status=FAILED, finished_at=now,
                     reason=f"interrupted: the worker running the round {why} ({wid or 'unknown worker'})")
             .execution_options(synchronize_session=False)
@@ -204,6 +200,9 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t else None
 
 
+PROBATION_STATE = "probation"  # the agent's update state while a new version is judged
+
+
 def round_report(session: Session, rnd: Round) -> dict:
     """Status plus delivery figures: bytes sent per device, devices on the new version, and
     devices that rolled it back."""
@@ -214,7 +213,7 @@ def round_report(session: Session, rnd: Round) -> dict:
         "model_hash": rnd.model_hash, "metrics": rnd.metrics, "created_at": _iso(rnd.created_at),
         "started_at": _iso(rnd.started_at), "finished_at": _iso(rnd.finished_at),
         "devices": [], "devices_total": len(rnd.device_ids or []), "devices_on_version": 0,
-        "rollbacks": [],
+        "devices_on_probation": 0, "rollbacks": [],
     }
     if not rnd.model_hash or not rnd.device_ids:
         return report
@@ -224,8 +223,13 @@ def round_report(session: Session, rnd: Round) -> dict:
     devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(rnd.device_ids)))}
     for device_id in rnd.device_ids:
         dev = devices.get(device_id)
-        on_version = bool(dev and dev.model_hash == rnd.model_hash)
+        runs_it = bool(dev and dev.model_hash == rnd.model_hash)
+        # A device on probation serves the version but may still roll it back: not counted
+        # as on the version until it commits (docs/protocol.md#update-lifecycle).
+        on_probation = runs_it and dev is not None and dev.state == PROBATION_STATE
+        on_version = runs_it and not on_probation
         report["devices_on_version"] += int(on_version)
+        report["devices_on_probation"] += int(on_probation)
         report["devices"].append(
             {"device_id": device_id, "bytes_sent": sent.get(device_id, 0), "on_version": on_version,
              "model_hash": dev.model_hash if dev else "", "state": dev.state if dev else "unknown"}

@@ -89,7 +89,9 @@ class DPUState(PolicyState):
     """What DPU carries from one round of a lineage to the next.
 
     - ``n_at_last_init``: |D| when the current chain was last (re-)initialised; the §5.4.2 rule
-      re-initialises once the data more than doubles it (None: never, until a chain starts);
+      re-initialises once the data more than doubles it. None: not known (no state yet: a new
+      lineage, an upgraded server, a record set aside); the round then takes its own training
+      set as the reference, so the rule works from the next round on;
     - ``shadow``: the re-initialised chain trained beside the deployed one (§5.5.3);
     - ``residual``: per tensor, what quantised encoding lost so far (error feedback), added to
       the next shipped values.
@@ -167,7 +169,7 @@ class _Shipment:
     base_val: float | None  # the deployed model's validation score (None: no reference)
     k_effective: float
     num_partial: int
-    next_n: int | None  # n_at_last_init to carry
+    next_n: int  # n_at_last_init to carry
     shadow: ShadowChain | None  # shadow chain to carry
     first: bool  # the first round after version 0 (no residual to absorb)
 
@@ -226,7 +228,9 @@ class DPUPolicy(UpdatePolicy):
             result = partial_update(model, base, data.x_train, data.y_train, data.x_val, data.y_val, cfg,
                                     loss_fn=loss_fn, progress=inputs.progress, metric_fn=metric_fn,
                                     n_at_last_init=n_at_last_init, reinit=p.reinit, shadow=carried.shadow)
-            next_n = result.next_n_at_last_init(n_at_last_init) if not first else result.n_train
+            next_n = result.next_n_at_last_init(n_at_last_init)
+            if next_n is None:  # first round, or no reference yet: count from this round's data
+                next_n = result.n_train
             # What to carry when nothing ships: the chain's progress, the unshipped residual.
             unshipped = DPUState(next_n, result.shadow, carried.residual)
             metrics.update(k=k, k_effective=result.k_effective, nnz=result.nnz, num_partial=result.num_partial,

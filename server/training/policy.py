@@ -37,8 +37,9 @@ class PolicyState(ABC):
 
     The worker stores it as one row per (lineage, method) in ``policy_states``: ``meta`` in a
     JSON column and ``tensors`` as one safetensors blob. ``SCHEMA`` is stored with it; a record
-    written under another schema is refused by :meth:`from_record` (the policy then starts
-    without carried state and says so in the round metrics), never silently misread.
+    written under another schema is set aside before :meth:`from_record` sees it
+    (``state_store.load_state``: the policy then starts without carried state and says so in
+    the round metrics), never silently misread.
     """
 
     SCHEMA: ClassVar[int] = 1
@@ -82,7 +83,7 @@ class RoundOutcome(Generic[S]):
     diff_base_hash: str | None = None
     diff_base_state: StateDict | None = None
     # What to carry into the next round of this lineage; also on a skip. None: carry nothing
-    # (the stored record is deleted).
+    # (the stored record is emptied, not deleted, so its generation never goes back).
     state: S | None = None
 
 

@@ -92,7 +92,7 @@ def load_state(
     return state, row.generation, ""
 
 
-def _encode(state: PolicyState, method: str) -> tuple[dict, bytes | None]:
+def _encode(state: PolicyState, method: str, lineage: str, generation: int) -> tuple[dict, bytes | None]:
     meta, tensors = state.to_record()
     try:
         meta = json.loads(json.dumps(meta))  # exactly what the JSON column will hold
@@ -104,7 +104,11 @@ def _encode(state: PolicyState, method: str) -> tuple[dict, bytes | None]:
     if not tensors:
         return meta, None
     cpu = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-    return meta, st_save(cpu, metadata={_BLOB_TAG: method})
+    # The blob names its (lineage, method, generation): every save writes bytes of its own, so
+    # two lineages never share a blob and collect_garbage cannot delete one that another
+    # worker's uncommitted save is about to reference.
+    return meta, st_save(cpu, metadata={_BLOB_TAG: method, "lineage": lineage,
+                                        "generation": str(generation)})
 
 
 def save_state(
@@ -129,7 +133,7 @@ def save_state(
     if state is None:
         meta, data, schema = None, None, 0
     else:
-        meta, data = _encode(state, method)
+        meta, data = _encode(state, method, lineage, expected_generation + 1)
         schema = type(state).SCHEMA
     sha = blobs.put(data) if data is not None else None  # the blob before the row naming it
     values = dict(schema=schema, generation=expected_generation + 1, round_id=round_id, meta=meta,
@@ -154,8 +158,9 @@ def save_state(
 
 
 def collect_garbage(session: Session, blobs: BlobStore, shas: Iterable[str | None]) -> int:
-    """After the commit: delete state blobs no row names any more (two lineages may share
-    one blob, content-addressed). Returns the number deleted."""
+    """After the commit: delete state blobs no row names any more (each save writes a blob of
+    its own; the reference check guards against a row restored by hand). Returns the number
+    deleted."""
     n = 0
     for sha in {s for s in shas if s}:
         refs = session.scalar(select(func.count()).select_from(PolicyStateRecord)

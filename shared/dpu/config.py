@@ -91,7 +91,8 @@ class DPUConfig:
             raise DPUConfigError("invalid DPUConfig: " + "; ".join(problems))
 
     def num_steps(self, n_samples: int) -> int:
-        """Q: ``steps`` if set, else ``epochs`` passes of ``ceil(n / batch_size)`` minibatches."""
+        """Q: ``steps`` if set, else ``epochs`` passes of :func:`steps_per_epoch` minibatches
+        (a one-sample tail joins the batch before it)."""
         if self.steps is not None:
             return self.steps
         return self.epochs * steps_per_epoch(n_samples, self.batch_size)

@@ -7,7 +7,7 @@ optimizer of step 2 and the Eq. 5.9 tracking of step 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 from shared.dpu.config import DPUConfig
 from shared.dpu.masked import MaskedOptimizer
 from shared.dpu.selection import accumulate_local_contribution
-from shared.loop import Hooks, LossFn, ProgressFn, Validation, batch_stream, run_loop
+from shared.loop import Hooks, LossFn, ProgressFn, Validation, run_loop
 from shared.tensors import to_model_input
 
 MetricFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]  # higher is better
@@ -60,13 +60,6 @@ def lr_at(config: DPUConfig, step: int, total: int) -> float:
     """alpha^q: step decay by ``lr_gamma`` at each milestone fraction of the Q steps."""
     passed = sum(1 for m in config.lr_milestones if step >= round(m * total))
     return config.lr * config.lr_gamma**passed
-
-
-def minibatches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled epochs under the shared tail rule (:func:`shared.loop.epoch_batches`)."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    for _epoch, _last, idx in batch_stream(n, batch_size, rng):
-        yield idx
 
 
 @dataclass

@@ -25,9 +25,8 @@ from shared.dress.model_state import (
 from shared.dress.objective import DressObjective
 from shared.dress.runner import DressRunner
 from shared.models.families import ModelFamily, register_family
+from shared.models.init import norm_start
 from shared.models.spec import ArchSpec
-
-_ONES = ("weight", "running_var")  # norm parameters that start at 1 (the rest at 0)
 
 
 class DressFamily(ModelFamily[DressSpec]):
@@ -45,7 +44,7 @@ class DressFamily(ModelFamily[DressSpec]):
         # model) and per-subnet norms that start like the norm layers themselves.
         for key, tensor in model.state_dict().items():
             if self.owns(key):
-                tensor.fill_(1.0 if key.rpartition(".")[2] in _ONES else 0.0)
+                tensor.fill_(norm_start(key.rpartition(".")[2]))
 
     def objective(self, arch: ArchSpec, spec: DressSpec) -> DressObjective:
         return DressObjective(spec)

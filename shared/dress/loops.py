@@ -14,12 +14,12 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared.dress.layers import DressError
 from shared.dress.masks import norm_layers
 from shared.loop import Hooks, LossFn, ProgressFn, epoch_batches, run_loop, steps_per_epoch
+from shared.loop import cross_entropy as cross_entropy  # the stages' dense loss, re-exported
 from shared.tensors import to_model_input
 
 
@@ -63,10 +63,6 @@ class TensorData:
         """One pass, under the shared tail rule (:func:`shared.loop.epoch_batches`)."""
         for idx in epoch_batches(len(self), batch_size, rng):
             yield self.take(idx)
-
-
-def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
 
 
 def cosine_lr(lr: float, steps: int) -> Callable[[int], float]:

@@ -87,7 +87,8 @@ class DressObjective(Objective):
         norms); the result is written into ``model`` (backbone and ``dress`` buffers).
 
         Without a validation split, checkpoints and allocations are chosen on the training
-        split (better than none: stage 2 needs a score per epoch)."""
+        split (better than none: stage 2 needs a score per epoch), and the per-subnet scores
+        are returned as ``subnet_train_accuracy``, never passed off as validation scores."""
         has_norms = bool(norm_layers(model))
         cfg = DressConfig(sparsities=self.spec.sparsities, gamma=self.spec.gamma,
                           pretrain_epochs=max(1, settings.epochs // 2), epochs=settings.epochs,
@@ -102,12 +103,14 @@ class DressObjective(Objective):
                 progress(min(step[0], total), total,
                          {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
-        x_val, y_val = (data.x_val, data.y_val) if len(data.y_val) else (data.x_train, data.y_train)
+        has_val = len(data.y_val) > 0
+        x_val, y_val = (data.x_val, data.y_val) if has_val else (data.x_train, data.y_train)
         result = train_dress(model, data.x_train, data.y_train, x_val, y_val, cfg, progress=report)
         backbone = {k: v for k, v in result.state.items() if not k.startswith(PREFIX)}
         model.load_state_dict({**model.state_dict(), **backbone})
         store_dress_state(model, result.allocation, result.norm_states)
-        return {"subnet_val_accuracy": [float(a) for a in result.val_accuracy]}
+        key = "subnet_val_accuracy" if has_val else "subnet_train_accuracy"
+        return {key: [float(a) for a in result.val_accuracy]}
 
     def finish(self, model: nn.Module, base_state: StateDict, data: LabelledArrays,
                settings: FitSettings) -> None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # types only: shared.objectives builds on this module
     from shared.objectives import Objective
 
 ENTRY_POINT_GROUP = "edgeloop.model_families"
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*\Z")
 
 SpecT = TypeVar("SpecT")
 

@@ -22,6 +22,12 @@ from torch import nn
 from shared.models.families import families_of
 
 
+def norm_start(leaf: str) -> float:
+    """The value a fresh norm layer's tensor ``leaf`` starts at: 1 for the scale and the
+    running variance, 0 for the rest (families with norm-like buffers start them alike)."""
+    return 1.0 if leaf in ("weight", "running_var") else 0.0
+
+
 def _fan_in(shape: torch.Size) -> int:
     return int(shape[1] * math.prod(shape[2:])) if len(shape) >= 2 else int(shape[0])
 
@@ -55,8 +61,7 @@ def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
         if isinstance(owner, nn.modules.batchnorm._NormBase):
-            fill = {"weight": 1.0, "running_var": 1.0}.get(leaf, 0.0)
-            tensor.fill_(fill)
+            tensor.fill_(norm_start(leaf))
             continue
         if not tensor.is_floating_point():
             tensor.zero_()

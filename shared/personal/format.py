@@ -28,7 +28,8 @@ from shared.tensors import model_hash
 
 PERSONAL_ENCODING = "personal/v1"
 MAX_PERSONAL_BYTES = 1 << 28  # 256 MiB: far above a head or an adaptor set
-_HASH = re.compile(r"^[0-9a-f]{64}$")
+_HASH = re.compile(r"^[0-9a-f]{64}\Z")  # \Z, not $: "$" would accept a trailing newline
+_DIGITS = re.compile(r"^[0-9]+\Z")
 _K = "edgeloop."
 KEYS = ("arch", "base_hash", "delta_hash", "encoding", "learner", "learner_config", "meta",
         "personal_hash", "samples")
@@ -152,7 +153,7 @@ def decode_personal(data: bytes, *, base_hash: str | None = None, learner: str |
     try:
         config, learner_meta = json.loads(m["learner_config"]), json.loads(m["meta"])
         arch = ArchSpec.from_json(m["arch"]) if m["arch"] else None
-        if not m["samples"].isdigit():
+        if not _DIGITS.match(m["samples"]):  # str.isdigit() would let "²" or "٣" through
             raise ValueError(f"samples is {m['samples']!r}")
         samples = int(m["samples"])
         if not isinstance(config, dict) or not isinstance(learner_meta, dict):

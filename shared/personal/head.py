@@ -95,7 +95,7 @@ class HeadFinetuneLearner(Learner):
         model.load_state_dict(base_state)
         path, head = classifier_head(model, arch.num_classes)
         feats = head_inputs(model, head, x)
-        trained = nn.Linear(head.in_features, head.out_features)
+        trained = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
         trained.load_state_dict(head.state_dict())
         stats = train_supervised(trained, feats.numpy(), y,
                                  TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size,

@@ -31,7 +31,7 @@ import torch
 from shared.models import ArchSpec, build_model
 from shared.tensors import StateDict
 
-LEARNER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # also names files on the device
+LEARNER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}\Z")  # also names files on the device (\Z: no "\n")
 
 
 class LearnerError(ValueError):

@@ -9,13 +9,7 @@ the sparse subnet a tight energy budget allows.
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,46 +18,16 @@ SPARSITIES = "0.5,0.8,0.9,0.95"
 SAMPLES = 400
 
 
-def _agent_http(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        data = None if body is None else json.dumps(body)
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
 def test_budget_put_switches_the_subnet_the_server_sees(
-    tmp_path: Path, processes, wait_until, free_port
+    start_server, start_agent, agent_http, wait_until, free_port
 ) -> None:
-    python = [sys.executable, "-m", "edgeloop"]
-    ready = tmp_path / "server.ready.json"
-    server_env = {**os.environ, "EDGELOOP_MODEL_KIND": "mlp", "EDGELOOP_INPUT_SHAPE": "1,8,8",
-                  "EDGELOOP_NUM_CLASSES": "10", "EDGELOOP_DRESS_SPARSITIES": SPARSITIES,
-                  "EDGELOOP_HEARTBEAT_INTERVAL_S": "1", "EDGELOOP_FSYNC": "false"}
-    server = subprocess.Popen(
-        [*python, "server", "run", "--data-dir", str(tmp_path / "server"), "--rest-port", "0",
-         "--grpc-port", "0", "--ready-file", str(ready)],
-        env=server_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
-    processes.append(server)
-    wait_until(ready.exists, 60, "the server to start", [server])
-    ports = json.loads(ready.read_text())
-
+    server = start_server(EDGELOOP_DRESS_SPARSITIES=SPARSITIES, EDGELOOP_HEARTBEAT_INTERVAL_S="1")
     status_port = free_port
-    agent_env = {**os.environ, "EDGELOOP_AGENT_BATTERY": "false",
-                 "EDGELOOP_AGENT_LOAD_BUDGET": "false",
-                 "EDGELOOP_AGENT_GOVERNOR_INTERVAL_S": "0.2", "EDGELOOP_AGENT_PROFILE_REPS": "20"}
-    agent = subprocess.Popen(
-        [*python, "agent", "run", "--server", f"127.0.0.1:{ports['grpc_port']}",
-         "--data-dir", str(tmp_path / "agent"), "--name", "dress-0", "--dataset", "digits",
-         "--max-samples", str(SAMPLES), "--rate-per-s", "0", "--status-port", str(status_port)],
-        env=agent_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
-    processes.append(agent)
-    procs = [server, agent]
+    agent = start_agent(server, "dress-0", samples=SAMPLES, status_port=status_port,
+                        EDGELOOP_AGENT_GOVERNOR_INTERVAL_S="0.2", EDGELOOP_AGENT_PROFILE_REPS="20")
+    procs = [server.proc, agent]
 
-    with httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30) as api:
+    with httpx.Client(base_url=server.api_url, timeout=30) as api:
         wait_until(lambda: api.get("/samples/counts").json()["labelled"] >= SAMPLES, 60,
                    "the agent's labelled samples", procs)
         device = api.get("/devices").json()["data"][0]
@@ -90,14 +54,14 @@ def test_budget_put_switches_the_subnet_the_server_sees(
         wait_until(lambda: (d := device_view())["model_hash"] == report["model_hash"]
                    and d["active_subnet"] == best, 30, f"the agent on subnet {best} of version 1", procs)
 
-        code, status = _agent_http(status_port, "GET", "/status")
+        code, status = agent_http(status_port, "GET", "/status")
         assert code == 200 and status["model_hash"] == report["model_hash"]
         energies = [p["energy_mj"] for p in status["profiles"]]
         assert len(energies) == 4
         assert all(a > b for a, b in zip(energies, energies[1:], strict=False))
         limit = (energies[2] + energies[3]) / 2  # only the 95 %-sparse subnet fits
 
-        code, body = _agent_http(status_port, "PUT", "/budget", {"energy_mj": limit})
+        code, body = agent_http(status_port, "PUT", "/budget", {"energy_mj": limit})
         assert code == 200 and body["energy_mj"] == pytest.approx(limit)
         t0 = time.monotonic()
         view = wait_until(lambda: (d := device_view())["active_subnet"] == 3 and d, 10,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from edge_agent.model_store import ModelStore
 from edgeloop.fleet import FleetConfig, LocalFleet, run_fleet
 
@@ -66,7 +64,6 @@ def test_dpu_round_ships_a_sparse_diff_to_every_agent(tmp_path: Path) -> None:
         fleet.stop()
 
 
-@pytest.mark.slow
 def test_fleet_command_two_rounds(tmp_path: Path) -> None:
     out = tmp_path / "fleet.json"
     result = run_fleet(FleetConfig(agents=2, rounds=2, samples_per_agent=400, epochs=3, work_dir=tmp_path / "w",

@@ -6,7 +6,6 @@ service loop that crashed."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from server.domain.versions import get_version, publish_version
 from server.settings import ServerSettings
 from shared.artefacts import decode_artefact
 from shared.models import ArchSpec
-from tests.edge_agent.test_updater import GrpcServer
 
 ARCH = ArchSpec("mlp", (1, 28, 28), 10, hidden=(16,))
 N_LOCAL = 120
@@ -35,23 +33,6 @@ def server_settings(tmp_path):
     return ServerSettings(data_dir=tmp_path / "server", database_url=f"sqlite:///{tmp_path / 'server.db'}",
                           model_arch_json=ARCH.to_json(), heartbeat_interval_s=0.2, watch_keepalive_s=0.2,
                           fsync=False)
-
-
-@pytest.fixture
-def server(server_ctx):
-    srv = GrpcServer(server_ctx)
-    yield srv
-    srv.stop()
-
-
-def _until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def _version0(ctx) -> tuple[str, dict]:
@@ -87,7 +68,7 @@ def _agent(tmp_path, address: str, source=None, **kw) -> Agent:
     return Agent(settings, source=source)
 
 
-def test_rollback_on_a_live_agent_is_reported_and_not_retried(server, server_ctx, tmp_path):
+def test_rollback_on_a_live_agent_is_reported_and_not_retried(server, server_ctx, tmp_path, wait_until):
     v0, state0 = _version0(server_ctx)
     # The device's own labelled inputs: labelled as v0 labels them, so v0 scores 100 % there.
     x = np.random.default_rng(3).integers(0, 256, (N_LOCAL, 1, 28, 28), dtype=np.uint8)
@@ -97,17 +78,17 @@ def test_rollback_on_a_live_agent_is_reported_and_not_retried(server, server_ctx
     agent = _agent(tmp_path, server.address, DatasetShardSource(x, y, rate_per_s=float("inf"), seed=0))
     agent.start()
     try:
-        _until(lambda: agent.runner.model_hash == v0 and len(agent.local_data) >= N_LOCAL
+        wait_until(lambda: agent.runner.model_hash == v0 and len(agent.local_data) >= N_LOCAL
                and agent.machine.state is State.COMMITTED, 30,
                "v0 installed and committed, and the local labels stored")
 
         worse = _publish(server_ctx, {k: v.clone().uniform_(-0.1, 0.1) for k, v in state0.items()})
-        _until(lambda: agent.machine.state is State.ROLLED_BACK, 30, "the rollback")
+        wait_until(lambda: agent.machine.state is State.ROLLED_BACK, 30, "the rollback")
         assert agent.runner.model_hash == v0 and agent.store.current_hash() == v0
         reason = agent.machine.rejected(worse).reason
         assert "below the previous model's" in reason
         assert agent.status()["update"]["rollbacks"][0]["model_hash"] == worse
-        row = _until(lambda: (r := _device_row(server_ctx)).update_state == "rolled_back" and r, 10,
+        row = wait_until(lambda: (r := _device_row(server_ctx)).update_state == "rolled_back" and r, 10,
                      "the server to hear of it")
         assert row.model_hash == v0
         assert [(r["model_hash"], r["reason"]) for r in row.rollbacks] == [(worse, reason)]
@@ -115,7 +96,7 @@ def test_rollback_on_a_live_agent_is_reported_and_not_retried(server, server_ctx
         # Not retried: heartbeats go on, no second download of the rejected version.
         for _ in range(3):  # each heartbeat is a chance for the updater to (wrongly) retry
             seen = _device_row(server_ctx).last_seen_at
-            _until(lambda seen=seen: _device_row(server_ctx).last_seen_at > seen, 10, "another heartbeat")
+            wait_until(lambda seen=seen: _device_row(server_ctx).last_seen_at > seen, 10, "another heartbeat")
         with transaction(server_ctx.factory) as s:
             fetched = s.scalars(select(func.count()).select_from(Delivery)
                                 .where(Delivery.final_model_hash == worse)).one()
@@ -123,24 +104,24 @@ def test_rollback_on_a_live_agent_is_reported_and_not_retried(server, server_ctx
 
         # A different target is taken.
         better = _publish(server_ctx, {k: v * 1.0001 for k, v in state0.items()})
-        _until(lambda: agent.runner.model_hash == better, 30, "the next version")
-        _until(lambda: agent.machine.state is State.COMMITTED, 10, "its commit")
+        wait_until(lambda: agent.runner.model_hash == better, 30, "the next version")
+        wait_until(lambda: agent.machine.state is State.COMMITTED, 10, "its commit")
         assert agent.metrics()["recent_accuracy"] >= 0.95 and agent.metrics()["rollbacks"] == 1.0
         assert agent.status()["update_state"] == "committed"
-        row = _until(lambda: (r := _device_row(server_ctx)).model_hash == better and r, 10, "the server")
+        row = wait_until(lambda: (r := _device_row(server_ctx)).model_hash == better and r, 10, "the server")
         assert len(row.rollbacks) == 1  # a repeated report is not a new rollback
     finally:
         agent.stop()
 
 
-def test_a_rejected_credential_registers_again(server, server_ctx, tmp_path):
+def test_a_rejected_credential_registers_again(server, server_ctx, tmp_path, wait_until):
     agent = _agent(tmp_path, server.address)
     agent.start()
     try:
-        first = _until(lambda: agent.conn.identity, 20, "registration")
+        first = wait_until(lambda: agent.conn.identity, 20, "registration")
         with transaction(server_ctx.factory) as s:
             s.scalars(select(Device)).one().credential_hash = "0" * 64  # the server forgets it
-        _until(lambda: agent.conn.identity is not None and agent.conn.identity.credential != first.credential,
+        wait_until(lambda: agent.conn.identity is not None and agent.conn.identity.credential != first.credential,
                20, "a fresh credential")
         assert agent.conn.identity.device_id == first.device_id  # same hardware id, same device
     finally:
@@ -175,7 +156,7 @@ def test_a_crashed_service_is_logged_and_restarted(tmp_path, caplog):
         agent.stop()
 
 
-def test_the_learner_is_wired_when_configured(server, server_ctx, tmp_path, monkeypatch):
+def test_the_learner_is_wired_when_configured(server, server_ctx, tmp_path, monkeypatch, wait_until):
     calls: list[str | None] = []
     agent = _agent(tmp_path, server.address, learner="head")
     assert agent.learner is not None
@@ -184,8 +165,8 @@ def test_the_learner_is_wired_when_configured(server, server_ctx, tmp_path, monk
     agent.start()
     try:
         v0, _ = _version0(server_ctx)
-        _until(lambda: agent.machine.state is State.COMMITTED, 30, "v0 committed")
-        _until(lambda: len(calls) == 2, 5, "base_changed after the commit")
+        wait_until(lambda: agent.machine.state is State.COMMITTED, 30, "v0 committed")
+        wait_until(lambda: len(calls) == 2, 5, "base_changed after the commit")
         # Declared before the thread starts: nothing committed on a new device, then v0.
         assert calls == ["", v0]
         status = agent.status()

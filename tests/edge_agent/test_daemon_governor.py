@@ -7,53 +7,19 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from edge_agent.daemon import Agent
-from edge_agent.governor import DEFAULT_PJ_PER_FLOP
 from edge_agent.model_store import ModelStore
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import DatasetShardSource
-from shared.data import load_dataset
-from shared.dress import DressConfig, subnet_flops, train_dress
-from shared.dress.model_state import plain_arch, store_dress_state, tables_from_state
-from shared.models import ArchSpec, build_model, init_weights_from_seed
 from shared.tensors import model_hash
 
-SPARSITIES = (0.5, 0.8, 0.9, 0.95)
-ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64,),
-                extra={"dress": {"sparsities": list(SPARSITIES), "gamma": 0.5}})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dress_model():
-    """A DRESS MLP trained on digits, as the state dict a server would ship (about 1.5 s)."""
-    torch.set_num_threads(1)
-    ds = load_dataset("digits")
-    backbone = init_weights_from_seed(build_model(plain_arch(ARCH)), 0)
-    res = train_dress(backbone, ds.x_train, ds.y_train, ds.x_test, ds.y_test,
-                      DressConfig(sparsities=SPARSITIES, pretrain_epochs=3, epochs=3,
-                                  norm_epochs=0, batch_size=64))
-    model = build_model(ARCH)
-    model.load_state_dict({**model.state_dict(), **res.state})
-    store_dress_state(model, res.allocation, res.norm_states)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tables = tables_from_state(state, ARCH)
-    energies = [subnet_flops(tables, k)["flops"] * DEFAULT_PJ_PER_FLOP * 1e-9
-                for k in range(len(SPARSITIES))]
-    return {"state": state, "hash": model_hash(state), "energies": energies, "ds": ds}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _free_port() -> int:
@@ -65,10 +31,10 @@ def _free_port() -> int:
 def _agent(tmp_path: Path, digits, arch=None, state=None, **overrides) -> Agent:
     if state is not None:
         ModelStore(tmp_path / "models").install(arch, state, expected_hash=model_hash(state))
-    settings = AgentSettings(
-        server=f"127.0.0.1:{_free_port()}", data_dir=tmp_path, status_port=0, battery=False,
-        load_budget=False, governor_interval_s=0.05, governor_min_dwell_s=0.0, profile_reps=10,
-        backoff_initial_s=5.0, **overrides)
+    settings = AgentSettings(**{
+        "server": f"127.0.0.1:{_free_port()}", "data_dir": tmp_path, "status_port": 0,
+        "battery": False, "load_budget": False, "governor_interval_s": 0.05,
+        "governor_min_dwell_s": 0.0, "profile_reps": 10, "backoff_initial_s": 5.0, **overrides})
     source = DatasetShardSource(digits.x_test, digits.y_test, rate_per_s=500, seed=0, loop=True)
     return Agent(settings, source=source)
 
@@ -111,7 +77,8 @@ def test_static_energy_budget_then_put_budget_switches(tmp_path, dress_model):
     e = dress_model["energies"]
     assert all(a > b for a, b in zip(e, e[1:], strict=False))
     static = (e[0] + e[1]) / 2  # subnet 0 does not fit, subnet 1 does
-    agent = _agent(tmp_path, dress_model["ds"], ARCH, dress_model["state"], budget_energy_mj=static)
+    agent = _agent(tmp_path, dress_model["ds"], dress_model["arch"], dress_model["state"],
+                   budget_energy_mj=static)
     agent.start()
     try:
         _wait(lambda: agent.governor.governed is not None, 20)
@@ -156,7 +123,7 @@ def test_static_energy_budget_then_put_budget_switches(tmp_path, dress_model):
 
 def test_memory_budget_from_file(tmp_path, dress_model):
     budget_file = tmp_path / "budget.json"
-    agent = _agent(tmp_path / "agent", dress_model["ds"], ARCH, dress_model["state"],
+    agent = _agent(tmp_path / "agent", dress_model["ds"], dress_model["arch"], dress_model["state"],
                    budget_file=budget_file)
     agent.start()
     try:
@@ -183,5 +150,47 @@ def test_plain_model_keeps_its_behaviour(tmp_path, digits, tiny_arch, make_state
         assert status["governor"] is None and status["profiles"] == []
         assert status["budget"]["latency_ms"] == 5.0  # reported even with nothing to govern
         assert agent.metrics()["active_subnet"] == -1.0
+    finally:
+        agent.stop()
+
+
+def test_the_heartbeat_after_an_update_carries_the_new_models_governor_metrics(
+    tmp_path, dress_model, monkeypatch
+):
+    """An update outcome wakes the reporter only once the governor has profiled the model now
+    running (on its own thread, once), so the server's first view of it is governed."""
+    from edge_agent.services import governor_service
+    from edge_agent.update_state import State, UpdateRecord
+
+    profiled: list[str] = []
+    real_profile = governor_service.profile_subnets
+
+    def counting_profile(runner, *a, **kw):
+        profiled.append(runner.model_hash)
+        return real_profile(runner, *a, **kw)
+
+    monkeypatch.setattr(governor_service, "profile_subnets", counting_profile)
+    e = dress_model["energies"]
+    agent = _agent(tmp_path, dress_model["ds"], dress_model["arch"], dress_model["state"],
+                   budget_energy_mj=(e[0] + e[1]) / 2, governor_interval_s=3600.0)
+    agent.start()
+    try:
+        _wait(lambda: agent.governor.governed is not None, 20)
+        # A new DRESS version starts serving (as the update machine's install does) and commits.
+        new_state = {k: v * 1.001 if v.is_floating_point() and k.endswith("weight") else v
+                     for k, v in dress_model["state"].items()}
+        new_hash = model_hash(new_state)
+        agent.runner.load(dress_model["arch"], new_state, new_hash)
+        seen: list[tuple[str, dict]] = []
+        woken = threading.Event()
+        agent.reporter.wake = lambda: (seen.append((agent.runner.model_hash, agent.metrics())),
+                                       woken.set())
+        agent.machine.on_outcome(UpdateRecord(state=State.COMMITTED, target_hash=new_hash))
+        assert woken.wait(20), "the reporter was never woken"
+        [(running, metrics)] = seen
+        assert running == new_hash == agent.governor.governed_hash
+        assert {"budget_hits", "budget_misses", "budget_fits"} <= metrics.keys()
+        assert metrics["active_subnet"] == 1.0  # the subnet the budget allows
+        assert profiled == [dress_model["hash"], new_hash]  # each model profiled once
     finally:
         agent.stop()

@@ -25,12 +25,7 @@ PERM = np.roll(np.arange(10), 3)  # the device's world: same images, classes nam
 WAIT = 120  # seconds; a bound on a hang, not a timing assumption
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +60,35 @@ def _shifted_accuracy(runner: ModelRunner, digits, *, base: bool = False) -> flo
     return float((pred == PERM[digits.y_test]).mean())
 
 
+def _runner_on_installed(store: ModelStore) -> ModelRunner:
+    """A fresh runner serving the store's current model, as the agent builds it at start-up."""
+    runner = ModelRunner()
+    installed = store.current()
+    runner.load(installed.arch, installed.state, installed.model_hash)
+    return runner
+
+
 @pytest.fixture
 def world(tmp_path, tiny_arch, bases):
     """Base v1 installed and loaded; an empty local dataset; stores on disk."""
     store = ModelStore(tmp_path)
     (v1, h1), _ = bases
     assert store.install(tiny_arch, v1, expected_hash=h1) == h1
-    runner = ModelRunner()
-    installed = store.current()
-    runner.load(installed.arch, installed.state, installed.model_hash)
     local = LocalDataset(tmp_path / "local.db")
-    yield {"store": store, "runner": runner, "local": local, "personal": PersonalStore(tmp_path)}
+    yield {"store": store, "runner": _runner_on_installed(store), "local": local,
+           "personal": PersonalStore(tmp_path)}
     local.close()
+
+
+def _derive_and_stop(settings: AgentSettings, world, digits) -> dict:
+    """Derive (and store) a personal model for v1 from 350 local samples; the service's
+    status once it stopped."""
+    _fill(world["local"], digits, 350)
+    svc = LearnerService(settings, world["runner"], world["personal"], world["local"])
+    svc.start()
+    assert svc.wait_outcomes(1, WAIT)
+    svc.stop()
+    return svc.status()
 
 
 def test_personal_model_follows_the_base_through_an_update(tmp_path, world, digits, tiny_arch,
@@ -131,17 +143,10 @@ def test_personal_model_follows_the_base_through_an_update(tmp_path, world, digi
 
 def test_a_restart_serves_the_stored_personal_model(tmp_path, world, digits):
     settings = _settings(tmp_path)
-    _fill(world["local"], digits, 350)
-    svc = LearnerService(settings, world["runner"], world["personal"], world["local"])
-    svc.start()
-    assert svc.wait_outcomes(1, WAIT)
-    svc.stop()
-    derived = svc.status()
+    derived = _derive_and_stop(settings, world, digits)
     assert derived["state"] == "serving"
 
-    runner = ModelRunner()  # the agent restarts: a fresh runner on the same files
-    installed = world["store"].current()
-    runner.load(installed.arch, installed.state, installed.model_hash)
+    runner = _runner_on_installed(world["store"])  # the agent restarts on the same files
     again = LearnerService(settings, runner, PersonalStore(tmp_path), world["local"])
     again.start()
     try:
@@ -156,19 +161,13 @@ def test_a_restart_serves_the_stored_personal_model(tmp_path, world, digits):
 
 def test_a_corrupt_stored_personal_model_is_rederived(tmp_path, world, digits):
     settings = _settings(tmp_path)
-    _fill(world["local"], digits, 350)
-    svc = LearnerService(settings, world["runner"], world["personal"], world["local"])
-    svc.start()
-    assert svc.wait_outcomes(1, WAIT)
-    svc.stop()
+    assert _derive_and_stop(settings, world, digits)["state"] == "serving"
     path = world["personal"].path(world["runner"].model_hash, "head")
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0x10
     path.write_bytes(bytes(raw))
 
-    runner = ModelRunner()
-    installed = world["store"].current()
-    runner.load(installed.arch, installed.state, installed.model_hash)
+    runner = _runner_on_installed(world["store"])
     store = PersonalStore(tmp_path)
     again = LearnerService(settings, runner, store, world["local"])
     again.start()

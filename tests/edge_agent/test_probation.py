@@ -16,8 +16,8 @@ from edge_agent.probation import ProbationConfig, accuracy, judge, untrained
 from edge_agent.runner import ModelRunner
 from shared.models import build_model, init_weights_from_seed
 from shared.tensors import model_hash
-from tests.edge_agent.test_daemon_governor import ARCH as DRESS_ARCH
-from tests.edge_agent.test_daemon_governor import dress_model, one_thread  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(arch, state) -> InstalledModel:
@@ -64,20 +64,21 @@ def test_inputs_of_another_shape_count_as_no_labels(tmp_path, tiny_arch, make_st
     other.close()
 
 
-def test_a_dress_model_is_judged_on_its_densest_subnet(dress_model, local):  # noqa: F811
-    trained = _model(DRESS_ARCH, dress_model["state"])
+def test_a_dress_model_is_judged_on_its_densest_subnet(dress_model, local):
+    arch = dress_model["arch"]
+    trained = _model(arch, dress_model["state"])
     x, y = local.recent(100)
     dense = ModelRunner()
-    dense.load(DRESS_ARCH, trained.state, trained.model_hash, subnet=0)
+    dense.load(arch, trained.state, trained.model_hash, subnet=0)
     sparsest = ModelRunner()
-    sparsest.load(DRESS_ARCH, trained.state, trained.model_hash, subnet=3)
+    sparsest.load(arch, trained.state, trained.model_hash, subnet=3)
     expected = float((dense.predict(x)[0] == y).mean())
     assert accuracy(trained, x, y) == pytest.approx(expected)
     assert expected > float((sparsest.predict(x)[0] == y).mean())  # the choice matters
 
-    v0_state = {k: v.detach().clone() for k, v in init_weights_from_seed(build_model(DRESS_ARCH), 0)
+    v0_state = {k: v.detach().clone() for k, v in init_weights_from_seed(build_model(arch), 0)
                 .state_dict().items()}
-    v0 = _model(DRESS_ARCH, v0_state)
+    v0 = _model(arch, v0_state)
     assert untrained(v0) and not untrained(trained)
     v = judge(trained, v0, local, ProbationConfig(margin=0.0, min_samples=20, samples=100))
     assert v.passed and v.reason == "the previous model was never trained: no reference"

@@ -23,13 +23,7 @@ ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64,),
                 extra={"dress": {"sparsities": list(SPARSITIES), "gamma": 0.5}})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: intra-op threads only add contention for these small models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

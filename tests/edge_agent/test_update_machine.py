@@ -461,3 +461,76 @@ def test_a_stored_target_that_did_not_load_at_start_up_is_installed_again(world)
     assert _update(fresh, world["good"]) is S.ROLLED_BACK  # it still does not load here
     assert fresh.machine.record.previous_hash == world["bad"]
     assert fresh.store.current_hash() == fresh.runner.model_hash == world["bad"]
+
+
+# --- the updater service: a target named mid-update is not lost ---------------------------------
+
+
+@pytest.fixture
+def updater_service(world):
+    """``updater_service(agent, retry=Backoff)``: the updater service driving ``agent``'s
+    machine, with a registered :class:`Connection` whose target the test sets (the server's
+    word)."""
+    from edge_agent.backoff import Backoff
+    from edge_agent.client import FleetClient
+    from edge_agent.connection import Connection
+    from edge_agent.identity import Identity, save_identity
+    from edge_agent.services.updater_service import UpdaterService
+    from edge_agent.settings import AgentSettings
+
+    settings = AgentSettings(server="127.0.0.1:9", data_dir=world["root"], status_port=-1)
+    save_identity(world["root"], Identity("dev-1", "cred", settings.server))
+    conn = Connection(settings, FleetClient(settings.server))  # never dialled: the machine
+    # downloads from the ArtefactServer
+
+    def make(agent: Agent, retry: Backoff | None = None) -> UpdaterService:
+        return UpdaterService(conn, agent.machine, lambda: agent.runner.model_hash,
+                              retry=retry or Backoff(jitter="none"),
+                              link_backoff=Backoff(jitter="none"))
+
+    yield make
+    conn.client.close()
+
+
+@pytest.mark.parametrize("scenario", ["committed", "rolled_back"])
+def test_a_target_named_during_probation_is_installed_after_the_verdict(world, monkeypatch,
+                                                                         updater_service, scenario):
+    """The server names a third version while the agent judges the second: the verdict
+    stands, then the third is installed from the model serving after it (the old one after a
+    rollback), with no new word from the server needed."""
+    good, bad = world["good"], world["bad"]
+    old, target = (bad, good) if scenario == "committed" else (good, bad)
+    agent = _agent_on(world, old)
+    third = world["server"].publish(agent.runner.arch,
+                                    {k: v * 1.001 for k, v in world["states"][good].items()})
+    service = updater_service(agent)
+    conn = service.conn
+    real = update_machine._HANDLERS[S.PROBATION]
+
+    def judge_while_the_server_moves_on(m, wanted):
+        conn.set_target(third)
+        return real(m, wanted)
+
+    monkeypatch.setitem(update_machine._HANDLERS, S.PROBATION, judge_while_the_server_moves_on)
+    conn.set_target(target)
+    conn.target_changed.clear()
+    assert service.tick() is State(scenario)
+    serving = agent.runner.model_hash
+    assert serving == (target if scenario == "committed" else old)
+    assert conn.target_changed.is_set() and conn.target == third  # wakes the service at once
+    monkeypatch.undo()
+    assert service.tick() is S.COMMITTED
+    assert agent.runner.model_hash == agent.store.current_hash() == third
+    assert agent.machine.record.previous_hash == serving  # a rollback would restore it
+
+
+def test_a_new_target_does_not_wait_out_the_backoff_of_a_failed_one(world, updater_service):
+    from edge_agent.backoff import Backoff
+
+    agent = _agent_on(world, world["bad"])
+    service = updater_service(agent, retry=Backoff(3600, 3600, jitter="none"))
+    service.conn.set_target("d" * 64)  # the server names a version it cannot serve
+    assert service.tick() is S.FAILED
+    assert service.tick() is S.FAILED and len(world["server"].requests) == 1  # backing off
+    service.conn.set_target(world["good"])
+    assert service.tick() is S.COMMITTED and agent.runner.model_hash == world["good"]

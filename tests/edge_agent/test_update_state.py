@@ -47,7 +47,6 @@ LEGAL = [
     (S.INSTALLING, E.INSTALLED, S.PROBATION),
     (S.INSTALLING, E.FAILED, S.FAILED),
     (S.INSTALLING, E.REJECTED, S.ROLLING_BACK),
-    (S.INSTALLING, E.LOOP, S.ROLLING_BACK),
     (S.PROBATION, E.PASSED, S.COMMITTED),
     (S.PROBATION, E.REJECTED, S.ROLLING_BACK),
     (S.PROBATION, E.LOOP, S.ROLLING_BACK),
@@ -92,6 +91,12 @@ def test_every_error_event_is_a_legal_exit_of_its_state():
     assert next_state(S.ROLLING_BACK, ON_ERROR[S.ROLLING_BACK]) is S.ROLLING_BACK
     for s, e in ON_ERROR.items():
         next_state(s, e)  # legal
+
+
+def test_loop_is_accepted_exactly_where_a_restart_can_resume_work():
+    """LOOP fires only on start-up, in the working state RESUME re-entered: nowhere else."""
+    resumed_working = {s for s in RESUME.values() if s in WORKING}
+    assert {s for (s, e) in TRANSITIONS if e is E.LOOP} == resumed_working
 
 
 EXPECTED_RESUME = {

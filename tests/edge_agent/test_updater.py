@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -24,11 +23,9 @@ from edge_agent.update_state import State, UpdateStateFile
 from edge_agent.updater import Updater
 from edge_agent.upload_queue import QueuedSample
 from protos.edgeloop.v1 import fleet_pb2 as pb
-from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server.db.engine import transaction
 from server.db.models import Device, Sample
 from server.domain.versions import get_version, publish_version
-from server.grpc_api.servicer import FleetServicer
 from server.settings import ServerSettings
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 from shared.samples import encode_sample
@@ -44,22 +41,6 @@ def server_settings(tmp_path):
     return ServerSettings(data_dir=tmp_path / "server", database_url=f"sqlite:///{tmp_path / 'server.db'}",
                           model_arch_json=ARCH.to_json(), heartbeat_interval_s=0.5, watch_keepalive_s=0.5,
                           fsync=False)
-
-
-class GrpcServer:
-    def __init__(self, ctx) -> None:
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_EdgeFleetServicer_to_server(
-            FleetServicer(ctx.settings, ctx.factory, ctx.blobs, ctx.targets_changed), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.stop(0).wait(5)
 
 
 class FlakyClient(FleetClient):
@@ -80,13 +61,6 @@ class FlakyClient(FleetClient):
                     raise TransientError("UNAVAILABLE: link dropped mid-download")
                 chunks += 1
             yield msg
-
-
-@pytest.fixture
-def server(server_ctx):
-    srv = GrpcServer(server_ctx)
-    yield srv
-    srv.stop()
 
 
 class Agent:
@@ -166,7 +140,9 @@ def test_installs_the_full_model(server, server_ctx, tmp_path):
         dev.close()
 
 
-def test_interrupted_download_resumes_after_agent_and_server_restart(server, server_ctx, tmp_path):
+def test_interrupted_download_resumes_after_agent_and_server_restart(
+    server, server_ctx, tmp_path, start_grpc_server
+):
     cred, target = _register(server.address)
     size = _artefact_size(server_ctx, target)
     assert size > 20 * CHUNK
@@ -181,19 +157,16 @@ def test_interrupted_download_resumes_after_agent_and_server_restart(server, ser
 
     # The server restarts (new port) and the agent restarts (new objects, same data dir).
     server.stop()
-    server2 = GrpcServer(server_ctx)
-    try:
-        dev2 = Agent(server2.address, agent_dir, cred)
-        assert dev2.machine.state is State.DOWNLOADING  # resumed from update_state.json
-        assert dev2.update_to(target) is State.COMMITTED
-        sha, offset = dev2.client.requests[0]
-        assert offset == 12 * CHUNK and sha == part.name.removesuffix(".part")  # asked for the rest only
-        assert dev2.updater.stats.bytes_downloaded == size - 12 * CHUNK
-        assert dev2.runner.model_hash == target and dev2.store.current_hash() == target
-        assert _leftovers(agent_dir) == [] and not dev2.updater.state_file.exists()
-        dev2.close()
-    finally:
-        server2.stop()
+    server2 = start_grpc_server()
+    dev2 = Agent(server2.address, agent_dir, cred)
+    assert dev2.machine.state is State.DOWNLOADING  # resumed from update_state.json
+    assert dev2.update_to(target) is State.COMMITTED
+    sha, offset = dev2.client.requests[0]
+    assert offset == 12 * CHUNK and sha == part.name.removesuffix(".part")  # asked for the rest only
+    assert dev2.updater.stats.bytes_downloaded == size - 12 * CHUNK
+    assert dev2.runner.model_hash == target and dev2.store.current_hash() == target
+    assert _leftovers(agent_dir) == [] and not dev2.updater.state_file.exists()
+    dev2.close()
 
 
 def test_several_interruptions_still_end_with_the_right_model(server, server_ctx, tmp_path):

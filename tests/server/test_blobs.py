@@ -93,6 +93,16 @@ def test_missing_blob(store):
             call()
 
 
+def test_delete_removes_one_blob_and_says_whether_it_was_there(store):
+    keep, gone = store.put(b"keep"), store.put(b"gone")
+    assert store.delete(gone) is True and not store.has(gone)
+    assert store.delete(gone) is False  # already gone: not an error
+    assert store.get(keep) == b"keep" and list(store.iter_hashes()) == [keep]
+    with pytest.raises(ValueError, match="SHA-256"):
+        store.delete("../" + "a" * 61)
+    assert store.put(b"gone") == gone and store.get(gone) == b"gone"  # stored again after a delete
+
+
 @pytest.mark.parametrize("bad", ["", "abc", "../" + "a" * 61, "A" * 64, "g" * 64, "a" * 63 + "/", "a" * 65, "a" * 64 + "\n"])
 def test_names_that_are_not_sha256_are_refused(store, bad):
     with pytest.raises(ValueError, match="SHA-256"):

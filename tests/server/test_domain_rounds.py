@@ -85,7 +85,7 @@ def test_cohort_validation(server_ctx):
                                 enrollment_token=server_ctx.settings.enrollment_token, hardware_id="hw").device.id
     assert R.validate_cohort({"device_ids": [dev, dev]}) == {"device_ids": [dev]}
     assert R.validate_cohort({"tag": "site-a"}) == {"tag": "site-a"}
-    for bad in ({}, {"all": False}, {"all": "yes"}, {"device_ids": []}, {"device_ids": [1]}, {"tag": ""},
+    for bad in ({}, {"all": False}, {"all": "yes"}, {"device_ids": []}, {"device_ids": [1]}, {"tag": ""}, {"tag": "Bad Tag"}, {"tag": "t" * 65},
                 {"all": True, "tag": "x"}, {"device_ids": ["x"] * 10_001}):
         with pytest.raises(InvalidArgumentError, match="cohort"):
             R.validate_cohort(bad)
@@ -259,6 +259,8 @@ def test_fail_interrupted_leaves_live_workers_rounds_alone(server_ctx):
                           "other host, silent": R.FAILED}
         with transaction(server_ctx.factory) as s:  # a heartbeat only counts for the round's owner
             assert R.heartbeat(s, rounds["live here"], mine)
+            assert R.heartbeat(s, rounds["live here"], mine, status=R.TRAINING)
+            assert not R.heartbeat(s, rounds["live here"], mine, status=R.PUBLISHING)  # not in that state
             assert not R.heartbeat(s, rounds["live here"], "someone-else")
             assert not R.heartbeat(s, rounds["exited process"], f"{host}:{child.pid}:00000000")
     finally:

@@ -174,3 +174,15 @@ def test_a_skipped_round_carries_its_state(setup) -> None:
                                       data=data, params=p, progress=lambda *a: None, state=carried))
     assert out.model is None and "labelled samples" in out.skip_reason
     assert out.state is carried  # nothing ran: the carried state is kept as it was
+
+
+def test_a_lineage_without_carried_state_starts_the_reinit_bookkeeping(setup) -> None:
+    """§5.4.2 needs |D| at the last initialisation. A lineage with no state yet (a new cohort
+    building on a trained version, or state set aside) takes this round's training set as the
+    reference instead of never re-initialising."""
+    data, base = setup
+    p = DPUParams(epochs=1, batch_size=128, skip_if_worse=False, k=0.02)
+    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+                                      data=data, params=p, progress=lambda *a: None, state=None))
+    assert out.model is not None and out.reinit_seed is None and out.state.shadow is None
+    assert out.state.n_at_last_init == out.metrics["n_at_last_init"] == len(data.y_train)

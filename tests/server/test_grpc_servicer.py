@@ -140,6 +140,32 @@ def test_invalid_arguments_map_to_invalid_argument(fleet):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_heartbeat_rollback_reports_are_validated_and_stored(fleet):
+    """Rollback reports come from an untrusted device: a bad one refuses the whole heartbeat
+    (nothing of it is stored); good ones are kept once however often they are repeated."""
+    reg = fleet.register()
+    good = pb.UpdateReport(model_hash="ab" * 32, reason="accuracy 0.1 is below 0.9", at_ms=1_700_000_000_000)
+    for _ in range(2):  # every heartbeat repeats the device's list
+        fleet.stub.Heartbeat(pb.HeartbeatRequest(state="rolled_back", rollbacks=[good]),
+                             metadata=md(reg.device_credential), timeout=10)
+    bad_reports = [
+        [pb.UpdateReport(model_hash="AB" * 32, at_ms=1)],  # not lowercase hex
+        [pb.UpdateReport(model_hash="cd" * 32, reason="x" * 1025, at_ms=1)],
+        [pb.UpdateReport(model_hash="cd" * 32, at_ms=-5)],
+        [pb.UpdateReport(model_hash="cd" * 32, at_ms=i) for i in range(65)],
+    ]
+    for reports in bad_reports:
+        with pytest.raises(grpc.RpcError) as err:
+            fleet.stub.Heartbeat(pb.HeartbeatRequest(state="idle", rollbacks=reports),
+                                 metadata=md(reg.device_credential), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rollback" in err.value.details()
+    with transaction(fleet.ctx.factory) as s:
+        dev = s.get(Device, reg.device_id)
+        assert dev.state == dev.update_state == "rolled_back"  # the refused heartbeats changed nothing
+        assert dev.rollbacks == [{"model_hash": "ab" * 32, "reason": "accuracy 0.1 is below 0.9",
+                                  "at_ms": 1_700_000_000_000}]
+
+
 # --- authentication -------------------------------------------------------------------------
 
 

@@ -14,12 +14,13 @@ from server.db.engine import transaction
 from server.db.models import Device
 from server.domain import devices as D
 from server.domain.lineage import base_version
-from server.domain.samples import LabelledData, SampleCache, SampleIn, ingest_samples, load_labelled
+from server.domain.samples import LabelledData, SampleCache, load_labelled
 from server.domain.versions import add_artefact, latest_version, plan_update, publish_version
 from shared.artefacts import SEED_MODEL_ENCODING, encode_seed_model
 from shared.data import load_dataset
 from shared.models import build_model, init_weights_from_seed
 from shared.samples import encode_sample, sample_id
+from tests.server.test_rest_api import ingest, register
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +30,11 @@ def fmnist():
 
 
 def _register(ctx, hardware_id: str, tags: list[str]) -> str:
-    with transaction(ctx.factory) as s:
-        return D.register_device(s, expected_token=ctx.settings.enrollment_token,
-                                 enrollment_token=ctx.settings.enrollment_token, hardware_id=hardware_id,
-                                 tags=tags).device.id
+    return register(ctx, hardware_id, tags=tags).device.id
 
 
 def _ingest(ctx, device_id: str, xs, ys) -> list[str]:
-    samples = [SampleIn(sample_id(p), p, int(y), {}) for p, y in ((encode_sample(x), y) for x, y in zip(xs, ys, strict=True))]
-    with transaction(ctx.factory) as s:
-        res = ingest_samples(s, ctx.blobs, s.get(Device, device_id), samples, arch=ctx.settings.arch,
-                             max_bytes=ctx.settings.max_sample_bytes)
-    assert not res.rejected
-    return [x.sample_id for x in samples]
+    return ingest(ctx, device_id, xs, [int(y) for y in ys])
 
 
 def _ids(data: LabelledData) -> dict[str, str]:

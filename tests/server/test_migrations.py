@@ -78,3 +78,53 @@ def test_migrated_schema_enforces_the_constraints(db_url):
                 conn.execute(insert_sample, {**sample, "device_id": "nope"})
     finally:
         engine.dispose()
+
+
+def test_0002_keeps_existing_rows_and_downgrades_to_0001(db_url):
+    """Rows written under 0001 get the defaults of the new columns; rounds left running (here
+    two, which the one-running-round-per-lineage index would refuse) are failed; a downgrade
+    to 0001 drops only what 0002 added."""
+    engine = make_engine(db_url)
+    try:
+        migrate.upgrade(engine, "0001")
+        rnd = dict(reason="", method="full", cohort='{"all": true}', params="{}", progress=0.0,
+                   progress_message="", metrics="{}", device_ids="[]", created_at="2026-01-01T00:00:00+00:00")
+        insert_round = text(f"INSERT INTO rounds (id, status, {', '.join(rnd)}) "
+                            f"VALUES (:id, :status, {', '.join(':' + k for k in rnd)})")
+        device = dict(id="d1", hardware_id="hw", name="", tags="[]", hardware="{}", agent_version="",
+                      credential_hash="c" * 64, revoked=False, created_at="2026-01-01T00:00:00+00:00",
+                      model_hash="", target_model_hash="", active_subnet=-1, budget="{}", metrics="{}",
+                      state="idle", last_error="", samples_pending=0)
+        with engine.begin() as conn:
+            for rid, status in (("r-done", "done"), ("r-train", "training"), ("r-pub", "publishing")):
+                conn.execute(insert_round, {**rnd, "id": rid, "status": status})
+            conn.execute(text(f"INSERT INTO devices ({', '.join(device)}) VALUES ({', '.join(':' + k for k in device)})"),
+                         device)
+        migrate.upgrade(engine)
+        assert _schema_diff(engine) == []
+        with engine.connect() as conn:
+            rows = {r.id: r for r in conn.execute(text("SELECT * FROM rounds"))}
+            rollbacks = conn.execute(text("SELECT rollbacks FROM devices")).scalar_one()
+        assert {k: (r.status, r.lineage, r.data_scope, r.worker_id) for k, r in rows.items()} == {
+            "r-done": ("done", "all", "cohort", ""), "r-train": ("failed", "all", "cohort", ""),
+            "r-pub": ("failed", "all", "cohort", "")}
+        assert "upgraded" in rows["r-train"].reason and rows["r-train"].finished_at is not None
+        assert rollbacks in ("[]", [])  # JSON text on SQLite, decoded on PostgreSQL
+        with engine.begin() as conn:  # the partial index: one running round per lineage
+            conn.execute(text("UPDATE rounds SET status = 'training' WHERE id = 'r-train'"))
+        with pytest.raises(IntegrityError):
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE rounds SET status = 'publishing' WHERE id = 'r-pub'"))
+
+        migrate.downgrade(engine, "0001")
+        insp = inspect(engine)
+        assert "policy_states" not in insp.get_table_names()
+        assert {c["name"] for c in insp.get_columns("rounds")} == {"id", "status", *rnd, "base_model_hash",
+                                                                   "model_hash", "started_at", "finished_at"}
+        assert "lineage" not in {c["name"] for c in insp.get_columns("model_versions")}
+        assert "rollbacks" not in {c["name"] for c in insp.get_columns("devices")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM rounds")).scalar_one() == 3
+            assert conn.execute(text("SELECT state FROM devices")).scalar_one() == "idle"
+    finally:
+        engine.dispose()

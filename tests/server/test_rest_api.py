@@ -352,6 +352,10 @@ def test_openapi_ids_and_descriptions(client):
     for name, schema in spec["components"]["schemas"].items():
         for prop, ps in schema.get("properties", {}).items():
             assert ps.get("description"), f"{name}.{prop} has no description"
+        if name.endswith("Public"):  # a response always carries every field it documents
+            assert set(schema.get("required", [])) == set(schema.get("properties", {})), name
+    assert {"update_state", "rollbacks"} <= set(spec["components"]["schemas"]["DeviceStatusPublic"]["properties"])
+    assert spec["components"]["schemas"]["RoundSummaryPublic"]["properties"]["data_scope"]["enum"] == ["cohort", "all"]
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # our 422s are {"detail": str}
     assert {"rounds-create_round", "models-download_model", "samples-set_labels"} <= {op["operationId"] for _, op in ops}
     assert client.get("/docs").status_code == 200

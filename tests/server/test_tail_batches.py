@@ -11,26 +11,13 @@ from server.domain.samples import LabelledData
 from server.training.dpu import DPUParams, DPUPolicy
 from server.training.full import FullParams, FullRetrainPolicy
 from server.training.policy import RoundInputs
-from shared.data import load_dataset
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed
 from shared.tensors import model_hash
 
 SMALL_CNN = ArchSpec("cnn", (1, 28, 28), 10, hidden=(32,), channels=(8, 16))
 DRESS_CNN = ArchSpec("cnn", (1, 28, 28), 10, hidden=(32,), channels=(8, 16),
                      extra={"dress": {"sparsities": [0.5, 0.8]}})  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fashion():
-    return load_dataset("fashion-mnist")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _data(ds, n_train: int) -> LabelledData:
@@ -59,19 +46,19 @@ def _assert_trained(outcome, seen, n_train: int) -> None:
 @pytest.mark.parametrize("n_train", [65, 1])
 @pytest.mark.parametrize("arch", [default_spec("cnn", (1, 28, 28), 10), DRESS_CNN],
                          ids=["plain-default-cnn", "dress-cnn"])  # fmt: skip
-def test_full_round_trains_on_any_sample_count(fashion, arch, n_train):
+def test_full_round_trains_on_any_sample_count(fashion_mnist, arch, n_train):
     params = FullParams(epochs=1, batch_size=64, skip_if_worse=False, min_labelled=1)
-    inputs, seen = _inputs(arch, _data(fashion, n_train), params)
+    inputs, seen = _inputs(arch, _data(fashion_mnist, n_train), params)
     _assert_trained(FullRetrainPolicy().run(inputs), seen, n_train)
 
 
 @pytest.mark.parametrize("n_train", [65, 1])
 @pytest.mark.parametrize("arch", [SMALL_CNN, DRESS_CNN], ids=["plain-cnn", "dress-cnn"])
-def test_first_dpu_round_trains_on_any_sample_count(fashion, arch, n_train):
+def test_first_dpu_round_trains_on_any_sample_count(fashion_mnist, arch, n_train):
     """The first round after version 0 (base_method="init") trains every weight; on a DRESS
     arch that is Alg. 3.1 in full, the round that used to fail."""
     params = DPUParams(epochs=1, batch_size=64, skip_if_worse=False, min_labelled=1)
-    inputs, seen = _inputs(arch, _data(fashion, n_train), params)
+    inputs, seen = _inputs(arch, _data(fashion_mnist, n_train), params)
     outcome = DPUPolicy().run(inputs)
     _assert_trained(outcome, seen, n_train)
     assert outcome.diff is not None
@@ -79,3 +66,17 @@ def test_first_dpu_round_trains_on_any_sample_count(fashion, arch, n_train):
         assert outcome.metrics["variant"].endswith("-full")
         assert len(outcome.metrics["subnet_val_accuracy"]) == 2
         assert int(outcome.model["dress.counts"].sum()) > 0
+
+
+def test_dress_full_round_without_a_validation_split_reports_no_validation_scores(fashion_mnist):
+    """Alg. 3.1 still needs a score per epoch, so without a validation split it selects on the
+    training split; those scores must not come back labelled as validation accuracies."""
+    ds = fashion_mnist
+    data = LabelledData(ds.x_train[:65], ds.y_train[:65], ds.x_test[:0], ds.y_test[:0])
+    params = FullParams(epochs=1, batch_size=64, min_labelled=1)
+    inputs, seen = _inputs(DRESS_CNN, data, params)
+    outcome = FullRetrainPolicy().run(inputs)
+    assert outcome.model is not None and int(outcome.model["dress.counts"].sum()) > 0
+    assert outcome.metrics["val_accuracy"] is None and outcome.metrics["val_samples"] == 0
+    assert "subnet_val_accuracy" not in outcome.metrics
+    assert len(outcome.metrics["subnet_train_accuracy"]) == 2

@@ -3,10 +3,7 @@ publish, retarget devices; skip when nothing better comes out; fail bad rounds w
 
 from __future__ import annotations
 
-import time
-
 import pytest
-import torch
 
 from server.db.engine import transaction
 from server.db.models import Device, ModelVersion, Round
@@ -15,30 +12,16 @@ from server.domain import rounds as R
 from server.domain.samples import SampleIn, ingest_samples
 from server.domain.versions import latest_version, list_versions, load_state
 from server.worker import RoundWorker
-from shared.data import load_dataset
 from shared.models import build_model
 from shared.samples import encode_sample, sample_id
 from shared.training import accuracy
 
 N_LABELLED = 400
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches train faster on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def fmnist():
-    return load_dataset("fashion-mnist")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
-def fleet(server_ctx, fmnist):
+def fleet(server_ctx, fashion_mnist):
     """A registered device that has uploaded a few hundred labelled Fashion-MNIST images."""
     ctx = server_ctx
     ctx.blobs.fsync = False  # 400 fsyncs buy nothing in a throwaway test directory
@@ -46,7 +29,7 @@ def fleet(server_ctx, fmnist):
         dev = D.register_device(s, expected_token=ctx.settings.enrollment_token,
                                 enrollment_token=ctx.settings.enrollment_token, hardware_id="hw-1").device
         samples = []
-        for x, y in zip(fmnist.x_train[:N_LABELLED], fmnist.y_train[:N_LABELLED], strict=True):
+        for x, y in zip(fashion_mnist.x_train[:N_LABELLED], fashion_mnist.y_train[:N_LABELLED], strict=True):
             payload = encode_sample(x)
             samples.append(SampleIn(sample_id(payload), payload, int(y), {}))
         res = ingest_samples(s, ctx.blobs, dev, samples, arch=ctx.settings.arch, max_bytes=ctx.settings.max_sample_bytes)
@@ -65,7 +48,7 @@ def get(ctx, round_id: str) -> Round:
         return s.get(Round, round_id)
 
 
-def test_full_retrain_round_publishes_a_better_model(fleet, fmnist):
+def test_full_retrain_round_publishes_a_better_model(fleet, fashion_mnist):
     ctx, worker, device_id = fleet
     with transaction(ctx.factory) as s:
         v0 = latest_version(s).model_hash
@@ -99,7 +82,7 @@ def test_full_retrain_round_publishes_a_better_model(fleet, fmnist):
     new, old = build_model(arch), build_model(arch)
     new.load_state_dict(new_state)
     old.load_state_dict(old_state)
-    x, y = fmnist.x_test[:2000], fmnist.y_test[:2000]
+    x, y = fashion_mnist.x_test[:2000], fashion_mnist.y_test[:2000]
     acc_new, acc_old = accuracy(new, x, y), accuracy(old, x, y)
     assert acc_new > 0.6 and acc_new > acc_old + 0.4, (acc_new, acc_old)
 
@@ -156,18 +139,36 @@ def test_bad_rounds_fail_with_a_reason(server_ctx):
     assert worker.run_next() is False
 
 
-def test_worker_thread_picks_up_queued_rounds_and_stops(server_ctx):
+def test_worker_thread_picks_up_queued_rounds_and_stops(server_ctx, wait_until):
     worker = _worker(server_ctx)
     worker.start()
     try:
         rid = queue(server_ctx, {})
         server_ctx.rounds_wakeup.notify()
-        deadline = time.monotonic() + 60
-        while get(server_ctx, rid).status not in R.TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.02)
-        rnd = get(server_ctx, rid)
+        rnd = wait_until(lambda: (r := get(server_ctx, rid)).status in R.TERMINAL and r, 60, f"round {rid}")
         # No labelled samples at all: the policy declines, and says why.
         assert rnd.status == R.SKIPPED and "only 0 labelled samples" in rnd.reason
     finally:
         worker.stop()
     assert not worker._thread.is_alive()
+
+
+def test_a_server_without_its_worker_leaves_rounds_to_a_worker_process(server_settings, wait_until):
+    from server.app import EdgeLoopServer, WorkerProcess
+
+    settings = server_settings.model_copy(update={"embedded_worker": False, "rest_host": "127.0.0.1",
+                                                  "rest_port": 0, "grpc_host": "127.0.0.1", "grpc_port": 0})
+    server = EdgeLoopServer(settings)
+    server.start()
+    try:
+        assert server.worker is None
+        rid = queue(server.ctx, {})
+        worker = WorkerProcess(settings)  # its own context and engine, as another process has
+        worker.start()
+        try:
+            rnd = wait_until(lambda: (r := get(server.ctx, rid)).status in R.TERMINAL and r, 60, f"round {rid}")
+        finally:
+            worker.stop()
+        assert rnd.status == R.SKIPPED and rnd.worker_id == worker.worker.worker_id
+    finally:
+        server.stop()

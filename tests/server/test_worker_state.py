@@ -1,12 +1,14 @@
 """The worker and carried state, on SQLite and PostgreSQL with real Fashion-MNIST samples: a
 round trains on its cohort's data and saves its state in the publishing transaction; a state
 that changed under it fails the round and publishes nothing; an unreadable state is noted and
-the round starts without it."""
+the round starts without it; a round taken from its worker mid-training (reaped, or failed by
+the worker's own stop) publishes nothing, while a running worker's heartbeat keeps it."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
-import torch
 from sqlalchemy import func, select
 
 from server.db.engine import transaction
@@ -15,27 +17,18 @@ from server.domain import rounds as R
 from server.training.dpu import DPUPolicy, DPUState
 from server.training.state_store import load_state, save_state
 from server.worker import RoundWorker
-from shared.data import load_dataset
 from tests.server.test_rest_api import ingest, register
 
 PARAMS = {"k": 0.05, "epochs": 1, "batch_size": 32, "skip_if_worse": False}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
-def fleet(server_ctx):
+def fleet(server_ctx, fashion_mnist):
     """Two tag cohorts with different amounts of labelled data."""
     ctx = server_ctx
     ctx.blobs.fsync = False
-    ds = load_dataset("fashion-mnist")
-    x, y = ds.x_train, [int(v) for v in ds.y_train]
+    x, y = fashion_mnist.x_train, [int(v) for v in fashion_mnist.y_train]
     a = register(ctx, "hw-a", tags=["site-a"]).device.id
     b = register(ctx, "hw-b", tags=["site-b"]).device.id
     ingest(ctx, a, x[:90], y[:90])
@@ -121,3 +114,74 @@ def test_an_unreadable_state_is_noted_and_the_round_starts_without_it(fleet):
     with transaction(ctx.factory) as s:
         _, gen, note = load_state(s, ctx.blobs, "tag:site-b", "dpu", DPUState)
     assert gen == 2 and note == ""  # rewritten under the current schema
+
+
+def _versions(ctx) -> int:
+    with transaction(ctx.factory) as s:
+        return s.scalar(select(func.count()).select_from(ModelVersion))
+
+
+def _no_state(ctx, lineage: str) -> bool:
+    with transaction(ctx.factory) as s:
+        return s.scalars(select(PolicyStateRecord).where(PolicyStateRecord.lineage == lineage)).first() is None
+
+
+def test_a_round_reaped_while_it_trains_publishes_nothing(fleet, monkeypatch):
+    ctx, worker = fleet
+    versions = _versions(ctx)
+    real_run = DPUPolicy.run
+
+    def run_and_get_reaped(self, inputs):
+        out = real_run(self, inputs)
+        with transaction(ctx.factory) as s:  # another worker judged this one gone meanwhile
+            rnd = R.get_round(s, rid, for_update=True)
+            R.transition(s, rnd, R.FAILED, reason="interrupted: reaped by another worker")
+        return out
+
+    monkeypatch.setattr(DPUPolicy, "run", run_and_get_reaped)
+    rid = _round(ctx, {"tag": "site-a"})
+    assert worker.run_next()
+    rnd = _get(ctx, rid)
+    assert rnd.status == R.FAILED and rnd.reason == "interrupted: reaped by another worker"  # not overwritten
+    assert rnd.model_hash is None and _versions(ctx) == versions
+    assert _no_state(ctx, "tag:site-a")  # the state of a round that shipped nothing is not kept
+    with transaction(ctx.factory) as s:
+        assert not R.heartbeat(s, rid, worker.worker_id)  # and its owner's heartbeat is refused
+
+
+def test_stopping_a_worker_mid_round_fails_the_round_and_its_late_result_is_refused(fleet, monkeypatch,
+                                                                                    wait_until):
+    ctx, _ = fleet
+    settings = ctx.settings.model_copy(update={"worker_heartbeat_s": 0.05})
+    worker = RoundWorker(settings, ctx.factory, ctx.blobs, rounds_wakeup=ctx.rounds_wakeup,
+                         targets_changed=ctx.targets_changed)
+    training, release = threading.Event(), threading.Event()
+    real_run = DPUPolicy.run
+
+    def held_run(self, inputs):
+        training.set()
+        assert release.wait(60)
+        return real_run(self, inputs)
+
+    monkeypatch.setattr(DPUPolicy, "run", held_run)
+    versions = _versions(ctx)
+    rid = _round(ctx, {"tag": "site-b"})
+    worker.start()
+    try:
+        assert training.wait(60)
+        claimed = _get(ctx, rid)
+        assert claimed.status == R.TRAINING and claimed.worker_id == worker.worker_id
+        # While it trains, the heartbeat thread keeps the claim fresh.
+        wait_until(lambda: _get(ctx, rid).heartbeat_at > claimed.heartbeat_at, 30, "a heartbeat")
+        with transaction(ctx.factory) as s:  # a live worker's round is not reaped
+            assert R.fail_interrupted(s, stale_after_s=settings.worker_stale_s) == 0
+        worker.stop(timeout=0.2)  # the round outlasts the grace period
+        stopped = _get(ctx, rid)
+        assert stopped.status == R.FAILED and "stopped mid-round" in stopped.reason
+    finally:
+        release.set()
+        worker._thread.join(60)
+    assert not worker._thread.is_alive()
+    after = _get(ctx, rid)
+    assert (after.status, after.reason, after.model_hash) == (R.FAILED, stopped.reason, None)
+    assert _versions(ctx) == versions and _no_state(ctx, "tag:site-b")

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.data import load_dataset
 from shared.dpu import (
     DPUConfig,
     DPUConfigError,
@@ -23,12 +22,7 @@ from shared.dpu.update import ShadowChain, _advance_shadow
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 from shared.tensors import clone_state, model_hash, to_model_input
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mlp(seed: int = 0) -> nn.Module:

@@ -23,15 +23,7 @@ from shared.dress import (
 from shared.models import ArchSpec, build_model
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: intra-op threads only add contention for these small models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # Logits of the sparse kernels and of the dense masked model differ only by float32 summation

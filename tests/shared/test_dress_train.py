@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shared.data import load_dataset
 from shared.dress import (
     DressConfig,
     DressError,
@@ -28,15 +27,7 @@ from shared.dress.train import train_dress
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 
 SPARSITIES = (0.5, 0.8, 0.9)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: intra-op threads only add contention for these small models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(spec: ArchSpec, seed: int = 0) -> torch.nn.Module:
@@ -116,11 +107,6 @@ def test_composes_with_foreign_parametrizations():
     assert float(ours.detach()) == pytest.approx(float(want), rel=1e-6)
     grad = model.net[1].parametrizations.weight.original.grad
     assert grad is not None and torch.all(grad[0] == 0) and grad[1:].abs().sum() > 0
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _run(spec: ArchSpec, digits, config: DressConfig):

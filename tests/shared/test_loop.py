@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import shared.dpu as dpu
-from shared.data import load_dataset
 from shared.dress import DressConfig, prune_with_rewinding
 from shared.dress.loops import TensorData, cross_entropy, recalibrate_norms, sgd_epochs
 from shared.dress.train import train_dress
@@ -36,19 +35,7 @@ CNN = ArchSpec("cnn", (1, 8, 8), 10, hidden=(16,), channels=(4, 8))
 DRESS_CNN = ArchSpec("cnn", (1, 8, 8), 10, hidden=(16,), channels=(4, 8),
                      extra={"dress": {"sparsities": [0.5, 0.8]}})  # fmt: skip
 MLP = ArchSpec("mlp", (1, 8, 8), 10, hidden=(32,))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(spec: ArchSpec = CNN, seed: int = 0) -> nn.Module:
@@ -180,10 +167,10 @@ def test_a_single_training_sample_trains_with_running_statistics(digits, trainer
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_one_sample_step_uses_and_keeps_running_statistics():
+def test_one_sample_step_uses_and_keeps_running_statistics(digits):
     model = _model().train()
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    x = to_model_input(load_dataset("digits").x_train[:1])
+    x = to_model_input(digits.x_train[:1])
     out = run_loop(model, torch.optim.SGD(model.parameters(), lr=0.1), cross_entropy,
                    lambda idx: (x[idx], torch.tensor([3])), 1, batch_size=8, num_steps=3,
                    rng=None)  # fmt: skip

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from shared.data import load_dataset
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 from shared.personal import (
     HeadFinetuneConfig,
@@ -32,19 +31,7 @@ from shared.training import TrainConfig, accuracy, train_supervised
 
 ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(32,))
 BASE_HASH = "ab" * 32
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +156,23 @@ def test_edited_tensors_with_a_fixed_up_personal_hash_are_refused():
         decode_personal(forged)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("samples", "\u0663", "samples"),  # ARABIC-INDIC DIGIT THREE: str.isdigit() says yes
+    ("samples", "12\n", "samples"),
+    ("base_hash", BASE_HASH + "\n", "malformed base hash"),
+    ("learner", "head\n", "malformed base hash or learner"),
+])
+def test_malformed_metadata_with_a_fixed_up_hash_is_refused(key, value, message):
+    """A file whose hashes are consistent but whose entries are not what the format allows."""
+    from safetensors.torch import load
+
+    data, _ = _encode()
+    meta = dict(_split(data)[0]["__metadata__"], **{"edgeloop." + key: value})
+    meta["edgeloop.personal_hash"] = personal_hash(meta)
+    with pytest.raises(PersonalFormatError, match=message):
+        decode_personal(st_save(load(data), metadata=meta))
+
+
 def test_extra_or_missing_metadata_is_refused():
     data, _ = _encode()
     header, _ = _split(data)
@@ -189,7 +193,11 @@ def test_encoder_validates_its_inputs():
     with pytest.raises(PersonalFormatError):
         _encode(base_hash="AB" * 32)
     with pytest.raises(PersonalFormatError):
+        _encode(base_hash=BASE_HASH + "\n")  # a regex "$" would let the newline through
+    with pytest.raises(PersonalFormatError):
         _encode(learner="Head!")
+    with pytest.raises(PersonalFormatError):
+        _encode(learner="head\n")  # learner names name files on the device
     with pytest.raises(PersonalFormatError):
         _encode(samples=-1)
     with pytest.raises(PersonalFormatError, match="JSON"):

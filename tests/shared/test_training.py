@@ -7,26 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from shared.data import load_dataset
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed
 from shared.tensors import clone_state, model_hash
 from shared.training import TrainConfig, accuracy, batches, predict_logits, train_supervised
 
 ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64,))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(seed: int = 0):
@@ -126,10 +112,10 @@ def test_batches_cover_every_index_once():
     assert [len(b) for b in batches(21, 10, None)] == [10, 11]  # a one-sample tail joins in
 
 
-def test_trailing_single_sample_with_batchnorm_trains():
+def test_trailing_single_sample_with_batchnorm_trains(fashion_mnist):
     """The issue's reproduction: 65 Fashion-MNIST images in batches of 64 left a last batch of
     one, and the CNN's BatchNorm1d refused it. Now the tail joins the previous batch."""
-    ds = load_dataset("fashion-mnist")
+    ds = fashion_mnist
     x, y = ds.x_train[:65], ds.y_train[:65]
     model = init_weights_from_seed(build_model(default_spec("cnn", (1, 28, 28), 10)), 0)
     sizes: list[int] = []

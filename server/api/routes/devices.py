@@ -38,7 +38,7 @@ def _status_fields(device: Device, settings: ServerSettings) -> dict:
         up_to_date=bool(device.model_hash) and device.model_hash == device.target_model_hash,
         active_subnet=device.active_subnet, budget=device.budget or {}, metrics=device.metrics or {},
         last_error=device.last_error, samples_pending=device.samples_pending,
-        update_state=device.update_state or "", rollbacks=list(device.rollbacks or []),
+        update_state=device.update_state, rollbacks=list(device.rollbacks or []),
     )
 
 

@@ -1,4 +1,4 @@
-"""round state in its own table, cohort lineage, several workers, device update state
+"""round state in its own table, cohort lineage, several workers, device rollbacks
 
 - ``policy_states``: each update policy's carried state per (lineage, method), with a
   generation for optimistic concurrency (server/training/state_store.py).
@@ -6,10 +6,11 @@
   their cohort's own head (server/domain/lineage.py).
 - ``rounds.worker_id`` and ``rounds.heartbeat_at``: a restarting worker fails only rounds
   whose worker is gone; a unique partial index keeps one running round per lineage.
-- ``devices.update_state`` and ``devices.rollbacks``: the agent's update lifecycle.
+- ``devices.rollbacks``: the versions the agent rolled back after probation (its update
+  lifecycle state is the heartbeat's ``state``, already stored).
 
 Upgrading: existing rows get lineage "all" (every round so far built on the one newest
-version). Carried state restarts after the upgrade: the old ``carry_sha256`` blobs named in
+version); rounds still running are failed as interrupted (no worker owns them). Carried state restarts after the upgrade: the old ``carry_sha256`` blobs named in
 round metrics are not imported, so the first DPU round of each lineage starts without a
 shadow chain or residual (it costs accuracy of that one round, never correctness).
 
@@ -72,6 +73,13 @@ def upgrade() -> None:
             sa.Column("worker_id", sa.String(length=128), nullable=False, server_default="")
         )
         batch_op.add_column(sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True))
+    # A round left running names no worker, so start-up would fail it anyway; failing it now
+    # keeps two of them (both lineage "all") from breaking the unique index below.
+    op.execute(
+        "UPDATE rounds SET status = 'failed', finished_at = CURRENT_TIMESTAMP, "
+        "reason = 'interrupted: still running when the database was upgraded' "
+        "WHERE status IN ('training', 'publishing')"
+    )
     # Outside the batch: SQLite's table rebuild would drop the WHERE of a partial index.
     op.create_index(
         "uq_rounds_active_lineage",
@@ -84,9 +92,6 @@ def upgrade() -> None:
 
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.add_column(
-            sa.Column("update_state", sa.String(length=32), nullable=False, server_default="")
-        )
-        batch_op.add_column(
             sa.Column("rollbacks", sa.JSON(), nullable=False, server_default=sa.text("'[]'"))
         )
 
@@ -94,7 +99,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.drop_column("rollbacks")
-        batch_op.drop_column("update_state")
 
     op.drop_index("uq_rounds_active_lineage", table_name="rounds")
     with op.batch_alter_table("rounds", schema=None) as batch_op:
