@@ -32,6 +32,9 @@ class Connection:
         self.connected = False
         self.heartbeat_interval = settings.heartbeat_interval_s or 5.0
         self._target = ""
+        # Bumped by every word on the target; a heartbeat answer is applied only if no newer
+        # word arrived while it was in flight (see set_target).
+        self._target_epoch = 0
         self.target_changed = threading.Event()  # set whenever the server names a new target
         self._subnet_accuracy: dict[str, list[float]] = {}
         self._last_error = ""
@@ -90,10 +93,26 @@ class Connection:
     def target(self) -> str:
         return self._target
 
-    def set_target(self, model_hash: str) -> None:
-        if model_hash and model_hash != self._target:
+    def target_epoch(self) -> int:
+        """Take before a request whose answer names a target; pass it to :meth:`set_target`."""
+        with self._lock:
+            return self._target_epoch
+
+    def set_target(self, model_hash: str, *, if_epoch: int | None = None) -> bool:
+        """Record the server's target. With ``if_epoch`` (from :meth:`target_epoch` before the
+        request) the answer is dropped when another word arrived meanwhile: a heartbeat the
+        server answered from a snapshot taken before a publish can land after the watch stream
+        already named the new version, and must not send the device back to the old one.
+        Returns whether the word was taken."""
+        with self._lock:
+            if if_epoch is not None and if_epoch != self._target_epoch:
+                return False
+            self._target_epoch += 1
+            if not model_hash or model_hash == self._target:
+                return True
             self._target = model_hash
-            self.target_changed.set()
+        self.target_changed.set()
+        return True
 
     def set_subnet_accuracy(self, model_hash: str, accuracies: list[float]) -> None:
         with self._lock:

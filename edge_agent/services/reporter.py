@@ -54,11 +54,12 @@ class ReporterService:
             self._wake.clear()
 
     def heartbeat(self) -> pb.HeartbeatResponse:
+        epoch = self.conn.target_epoch()
         resp = self.conn.client.heartbeat(self._build())
         self.conn.online()
         if resp.target_subnet_accuracy:
             self.conn.set_subnet_accuracy(resp.target_model_hash,
                                           [float(a) for a in resp.target_subnet_accuracy])
-        self.conn.set_target(resp.target_model_hash)
+        self.conn.set_target(resp.target_model_hash, if_epoch=epoch)
         self.conn.suggest_interval(resp.heartbeat_interval_s)
         return resp
