@@ -17,6 +17,7 @@ from edge_agent import snapshot
 from edge_agent.backoff import Backoff
 from edge_agent.client import FleetClient
 from edge_agent.connection import Connection
+from edge_agent.disk_budget import DataDirBudget
 from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import ModelStore
 from edge_agent.predictions import PredictionLog
@@ -46,7 +47,7 @@ class Agent:
     def __init__(self, settings: AgentSettings, source: InputSource | None = None) -> None:
         s = self.settings = settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = ModelStore(s.data_dir / "models")
+        self.store = ModelStore(s.data_dir / "models", max_parameters=s.max_model_parameters)
         self.runner = ModelRunner()
         self._load_installed()
         self.queue = UploadQueue(s.data_dir / "upload_queue.db", max_items=s.queue_max_items,
@@ -57,7 +58,10 @@ class Agent:
             s, self.runner.arch.input_shape if self.runner.arch else None)
         self.conn = Connection(s, FleetClient(s.server, timeout_s=s.rpc_timeout_s))
         self.fetcher = Updater(self.conn.client, s.data_dir, max_artefact_bytes=s.max_artefact_bytes,
-                               chunk_bytes=s.chunk_bytes)
+                               chunk_bytes=s.chunk_bytes, budget=DataDirBudget(
+                                   s.data_dir, s.max_data_dir_bytes,
+                                   reserved={"upload_queue.db*": s.queue_max_bytes}),
+                               max_parameters=s.max_model_parameters)
         self.governor = GovernorService(s, self.runner, self.conn.subnet_accuracy, self.conn.report_error)
         self.learner = self._make_learner()
         self.reporter = ReporterService(self.conn, lambda: snapshot.heartbeat_request(self), self._backoff())

@@ -70,6 +70,18 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def remove_temp_files(directory: Path, name: str = "") -> list[str]:
+    """Delete what :func:`atomic_write` leaves when killed between write and rename
+    (``<name>.tmp-<pid>``; every name when ``name`` is empty). Only safe while no writer in
+    this process targets the directory (start-up, or under the writer's lock)."""
+    removed = []
+    for tmp in Path(directory).glob(f"{name or '*'}.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
 def _hash_file(path: Path) -> hashlib._Hash:
     h = hashlib.sha256()
     with open(path, "rb") as f:

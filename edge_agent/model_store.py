@@ -29,7 +29,13 @@ from pathlib import Path
 import torch
 
 from edge_agent.download import atomic_write, fsync_dir
-from shared.artefacts import FULL_MODEL_ENCODING, ArtefactError, decode_artefact, encode_full_model
+from shared.artefacts import (
+    DEFAULT_MAX_PARAMETERS,
+    FULL_MODEL_ENCODING,
+    ArtefactError,
+    decode_artefact,
+    encode_full_model,
+)
 from shared.models import ArchSpec, build_model
 from shared.tensors import model_hash
 
@@ -96,8 +102,10 @@ class ModelStore:
     lock, so an install and a gc from different threads cannot interleave.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_parameters: int = DEFAULT_MAX_PARAMETERS) -> None:
         self.root = Path(root)
+        # The same bound the updater applies, so a model installed under a raised limit reloads.
+        self.max_parameters = max_parameters
         self.models_dir = self.root / "models"
         self.pointer_path = self.root / "current.json"
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +197,8 @@ class ModelStore:
         except FileNotFoundError as exc:
             raise ModelStoreError(f"model {model_hash_[:16]} is not installed") from exc
         try:
-            decoded = decode_artefact(data, encoding=FULL_MODEL_ENCODING)
+            decoded = decode_artefact(data, encoding=FULL_MODEL_ENCODING,
+                                      max_parameters=self.max_parameters)
         except ArtefactError as exc:
             raise ModelStoreError(f"model file {path} is corrupt: {exc}") from exc
         if decoded.model_hash != model_hash_ or decoded.arch is None:
@@ -296,10 +305,12 @@ class ModelStore:
         return sorted(p.name.removesuffix(_MODEL_SUFFIX) for p in self._model_files())
 
     @_locked
-    def gc(self, keep: int = 2) -> list[str]:
+    def gc(self, keep: int = 2, discard: Collection[str] = ()) -> list[str]:
         """Delete old models, keeping the current one, the previous one and the newest others
         up to ``keep`` in total; also removes temp files left by interrupted writes.
 
+        Models in ``discard`` (rolled back here, never installed again) are deleted unless
+        the pointer names them, so they do not take the place of a model worth keeping.
         Returns the deleted hashes.
         """
         if keep < 1:
@@ -311,13 +322,16 @@ class ModelStore:
             return []
         protected = [h for h in (pointer.get("model_hash"), pointer.get("previous_hash")) if h]
         protected = protected[:keep]
+        dropped = set(discard)
         others = sorted(
             (p for p in self._model_files() if p.name.removesuffix(_MODEL_SUFFIX) not in protected),
             key=lambda p: p.stat().st_mtime,
             reverse=True,
         )
         deleted = []
-        for path in others[max(0, keep - len(protected)) :]:
+        kept = [p for p in others if p.name.removesuffix(_MODEL_SUFFIX) not in dropped]
+        surplus = kept[max(0, keep - len(protected)) :]
+        for path in [p for p in others if p not in kept] + surplus:
             path.unlink(missing_ok=True)
             deleted.append(path.name.removesuffix(_MODEL_SUFFIX))
         for directory in (self.models_dir, self.root):

@@ -47,7 +47,9 @@ class AgentSettings(BaseSettings):
     backoff_max_s: float = Field(30.0, gt=0)
     rpc_timeout_s: float = Field(30.0, gt=0)
     max_artefact_bytes: int = Field(512 << 20, ge=1 << 10, description="Refuse larger downloads.")
+    max_model_parameters: int = Field(64 << 20, ge=1, description="Refuse an artefact naming an architecture with more state-dict elements (parameters and buffers) than this, before building it (docs/protocol.md).")
     chunk_bytes: int = Field(256 << 10, ge=1 << 10, le=4 << 20)
+    max_data_dir_bytes: int = Field(2 << 30, ge=0, description="Bound on data_dir (0: none): a download is refused if it, or the model its install writes, does not fit beside the models kept, local data and the upload queue counted at queue_max_bytes (docs/protocol.md#downloads-and-disk).")
     log_level: str = Field("INFO")
     # --- DRESS budget governor (docs/governor.md) -------------------------------------------
     budget_latency_ms: float | None = Field(None, ge=0, description="Static latency budget per batch-1 inference call, ms (empty: no limit).")
@@ -112,6 +114,14 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"shard_index {self.shard_index} must be < num_shards {self.num_shards}")
         if self.source == "folder" and self.watch_dir is None:
             raise ValueError("source=folder needs watch_dir")
+        return self
+
+    @model_validator(mode="after")
+    def _data_dir_budget(self) -> AgentSettings:
+        need = self.queue_max_bytes + self.max_artefact_bytes
+        if self.max_data_dir_bytes and self.max_data_dir_bytes < need:
+            raise ValueError(f"max_data_dir_bytes {self.max_data_dir_bytes} must be 0 or at least "
+                             f"queue_max_bytes + max_artefact_bytes = {need}")
         return self
 
     @model_validator(mode="after")

@@ -6,6 +6,11 @@ reason) and delegates the work: :class:`~edge_agent.updater.Updater` downloads a
 judges. The driver persists the record *before* the next state acts (Mender's ``SaveState``)
 and, on start-up, re-enters what :data:`RESUME` says. A handler that raises stands for its
 state's :data:`ON_ERROR` event, so no exception leaves a half-switched model behind.
+
+Housekeeping keeps the data directory bounded under any sequence of crashes: at start-up and
+on every resting state, ``downloads/`` is cut to the part file of the download being resumed
+(nothing, when none is) and the model store to its current and previous models (temp files of
+interrupted writes included).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from edge_agent.client import PermanentError, TransientError
-from edge_agent.download import DownloadError
+from edge_agent.download import DownloadError, remove_temp_files
 from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import InstalledModel, ModelStore, ModelStoreError
 from edge_agent.probation import ProbationConfig, judge
@@ -81,6 +86,7 @@ class UpdateMachine:
         self._downloaded: Downloaded | None = None
         self._chain: list[str] = []
         self._resume()
+        self._tidy_at_start()
 
     # --- reading ----------------------------------------------------------------------------
     @property
@@ -186,15 +192,36 @@ class UpdateMachine:
         elif resumes > self.max_resumes:
             self._fire(E.LOOP, f"restarted {resumes} times in {state.value}: state loop")
 
+    def _housekeep(self, resume_target: str | None) -> None:
+        """Keep only what a resume needs; never raises (a full disk must not stop updates)."""
+        try:
+            self.ctx.updater.tidy(resume_target)
+        except Exception:  # noqa: BLE001
+            log.exception("tidying downloads failed")
+        try:
+            self.ctx.store.gc(keep=2, discard=[r.model_hash for r in self.record.rollbacks])
+        except Exception:  # noqa: BLE001
+            log.exception("model store gc failed")
+
+    def _tidy_at_start(self) -> None:
+        """Before any state acts: what a crash left behind goes. Only a download being
+        resumed keeps its part file; the store's pointer protects the models a probation or a
+        rollback still needs."""
+        # Temp files of atomic writes a kill interrupted: the record's own, and personal
+        # models' (edge_agent.personal_store; no learner writes before the services start).
+        for directory, name in ((self.file.path.parent, self.file.path.name),
+                                (self.ctx.store.models_dir / "personal", "")):
+            try:
+                if directory.is_dir():
+                    remove_temp_files(directory, name)
+            except OSError:
+                log.exception("removing temp files in %s failed", directory)
+        downloading = self.state in (S.DOWNLOADING, S.VERIFYING)
+        self._housekeep(self.record.target_hash if downloading else None)
+
     def _rest(self, state: State) -> None:
         """Housekeeping on reaching a resting state; never raises."""
-        try:
-            if state is S.COMMITTED:
-                self.ctx.store.gc(keep=2)
-            elif state in (S.FAILED, S.IDLE):
-                self.ctx.updater.cleanup()
-        except Exception:  # noqa: BLE001
-            log.exception("housekeeping after %s failed", state.value)
+        self._housekeep(None)
         self._working, self._downloaded, self._chain = None, None, []
         if self.on_outcome is not None and state is not S.IDLE:
             try:

@@ -5,6 +5,11 @@ Plan, check, then switch last: bytes stream into a resumable part file (hashed w
 hash of what it produced (and a diff's base hash). Nothing here touches the model store or
 the runner: a chain of diffs is walked in memory (:class:`Working`), and only the update
 machine's ``installing`` state switches the model.
+
+``downloads/`` holds at most one file that matters: the part file of the download being
+resumed (named by ``download.json``). :meth:`Updater.tidy` deletes everything else; the update
+machine calls it at start-up and after every outcome, so no sequence of crashes makes the
+directory grow. A stream the server restarts from byte 0 discards what the part holds.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +26,16 @@ import torch
 
 import shared.codec  # noqa: F401 - registers the diff/sparse-v1 decoder
 from edge_agent.client import FleetClient, PermanentError, TransientError
-from edge_agent.download import DownloadIntegrityError, PartialDownload
+from edge_agent.disk_budget import DataDirBudget, DiskBudgetError
+from edge_agent.download import DownloadIntegrityError, PartialDownload, fsync_dir
 from protos.edgeloop.v1 import fleet_pb2 as pb
-from shared.artefacts import ArtefactError, decode_artefact
+from shared.artefacts import DEFAULT_MAX_PARAMETERS, ArtefactError, decode_artefact
 from shared.models import ArchSpec
 
 log = logging.getLogger(__name__)
 MAX_CHAIN = 64  # diffs applied in one update before we give up (a cycle would be a server bug)
+INSTALL_SLACK = 64 << 10  # model file bytes beyond its tensors (safetensors header, metadata)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class UpdateFailed(Exception):
@@ -59,13 +68,16 @@ class UpdateStats:
 
 class Updater:
     def __init__(self, client: FleetClient, data_dir: Path, *, max_artefact_bytes: int,
-                 chunk_bytes: int) -> None:
+                 chunk_bytes: int, budget: DataDirBudget | None = None,
+                 max_parameters: int = DEFAULT_MAX_PARAMETERS) -> None:
         self.client = client
         self.download_dir = Path(data_dir) / "downloads"
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = Path(data_dir) / "download.json"  # the part file being resumed
         self.max_artefact_bytes = max_artefact_bytes
         self.chunk_bytes = chunk_bytes
+        self.budget = budget
+        self.max_parameters = max_parameters  # checked before an artefact's model is built
         self.stats = UpdateStats()
 
     # --- the download being resumed survives restarts -------------------------------------
@@ -81,11 +93,57 @@ class Updater:
                                    "target": info.final_model_hash}))
         os.replace(tmp, self.state_file)
 
-    def cleanup(self) -> None:
-        """Forget any download in progress (its part file included)."""
-        self.state_file.unlink(missing_ok=True)
-        shutil.rmtree(self.download_dir, ignore_errors=True)
+    def resumable(self, target: str) -> str | None:
+        """The artefact whose part file a download towards ``target`` resumes, if any."""
+        saved = self._saved()
+        if not isinstance(saved, dict) or not target or saved.get("target") != target:
+            return None
+        sha = saved.get("artefact_sha256")
+        return sha if isinstance(sha, str) and _SHA256.match(sha) else None
+
+    def tidy(self, resume_target: str | None = None) -> list[str]:
+        """Delete every file in ``downloads/`` but the part being resumed towards
+        ``resume_target`` (None: no download is resumed, so nothing is kept); returns the
+        names deleted. Abandoned parts, artefacts a crash left between finalise and unlink,
+        and anything else go. Call it only when no download is running."""
+        keep = self.resumable(resume_target) if resume_target else None
+        if keep is None:
+            self.state_file.unlink(missing_ok=True)
+        self.state_file.with_suffix(".tmp").unlink(missing_ok=True)  # an interrupted _save
         self.download_dir.mkdir(parents=True, exist_ok=True)
+        part, done = self.download_dir / f"{keep}.part", self.download_dir / f"{keep}.artefact"
+        if keep is not None and done.is_file() and not part.exists():
+            # Finalised but never verified (a crash in between): its bytes are the complete
+            # part, so the resume asks for nothing more and re-verifies it.
+            os.replace(done, part)
+        removed = []
+        for entry in self.download_dir.iterdir():
+            if keep is not None and entry.name == part.name and entry.is_file():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        if removed:
+            fsync_dir(self.download_dir)
+            log.info("removed %d stale download files: %s", len(removed), ", ".join(sorted(removed))[:200])
+        return removed
+
+    def _check_fits(self, info: pb.UpdateInfo, have: Working) -> None:
+        if info.artefact_size > self.max_artefact_bytes:
+            raise UpdateFailed(f"artefact of {info.artefact_size} bytes exceeds max_artefact_bytes")
+        if self.budget is None:
+            return
+        # What the install will write: a full artefact is the model file; a diff rebuilds
+        # a model the size of its base.
+        install = info.artefact_size
+        if info.base_model_hash and have.state is not None:
+            install = sum(t.numel() * t.element_size() for t in have.state.values()) + INSTALL_SLACK
+        try:
+            self.budget.check_download(info.artefact_size, install)
+        except DiskBudgetError as exc:
+            raise UpdateFailed(f"artefact {info.artefact_sha256[:12]} refused: {exc}") from exc
 
     # --- downloading ----------------------------------------------------------------------
     def download(self, have: Working, target: str) -> Downloaded:
@@ -106,18 +164,24 @@ class Updater:
             for msg in self.client.get_update(req):
                 if msg.HasField("info"):
                     info = msg.info
-                    if info.artefact_size > self.max_artefact_bytes:
-                        raise UpdateFailed(f"artefact of {info.artefact_size} bytes exceeds max_artefact_bytes")
-                    if part is None or part.artefact_sha256 != info.artefact_sha256:
-                        if part is not None:
-                            part.discard()
+                    self._check_fits(info, have)
+                    if part is not None and part.artefact_sha256 != info.artefact_sha256:
+                        part.discard()  # the server prefers another artefact now
+                        part = None
+                    if part is None:  # may find a stale part file of this artefact
                         part = PartialDownload(self.download_dir, info.artefact_sha256, info.artefact_size,
                                                self.max_artefact_bytes)
-                        if info.offset != 0:
-                            part.discard()
-                            raise PermanentError("server resumed an artefact we do not hold")
+                    if info.offset == 0 and part.offset:
+                        # The server restarts the stream: what follows is byte 0, so the bytes
+                        # held (a stale part, or one the server will not resume) must go.
+                        log.info("server restarts %s from byte 0; discarding the %d bytes held",
+                                 info.artefact_sha256[:12], part.offset)
+                        part.discard()
                     elif info.offset != part.offset:
-                        raise PermanentError(f"server resumed at {info.offset}, we hold {part.offset} bytes")
+                        held = part.offset
+                        part.discard()
+                        raise PermanentError(f"server resumed {info.artefact_sha256[:12]} at byte "
+                                             f"{info.offset}, we held {held}; discarded")
                     self._save(info)
                     log.info("downloading %s (%s, %d bytes, from byte %d)", info.artefact_sha256[:12],
                              info.encoding, info.artefact_size, info.offset)
@@ -154,7 +218,8 @@ class Updater:
             is_diff = bool(info.base_model_hash)
             if is_diff and info.base_model_hash != have.model_hash:
                 raise ArtefactError(f"diff applies to {info.base_model_hash[:12]}, we hold {have.model_hash[:12]}")
-            decoded = decode_artefact(data, have.state if is_diff else None)
+            decoded = decode_artefact(data, have.state if is_diff else None,
+                                      max_parameters=self.max_parameters)
             if decoded.model_hash != info.target_model_hash:
                 raise ArtefactError(f"artefact produced {decoded.model_hash[:12]}, server promised "
                                     f"{info.target_model_hash[:12]}")

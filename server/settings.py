@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.domain.samples import SAMPLE_VALUE_ABS_MAX
 from shared.models import KINDS, ArchSpec, default_spec
 
 DEV_ENROLLMENT_TOKEN = "edgeloop-dev-enrollment"
@@ -38,6 +39,7 @@ class ServerSettings(BaseSettings):
     max_samples_per_upload: int = Field(4096, ge=1, description="Samples one UploadSamples stream may carry.")
     max_upload_bytes: int = Field(64 << 20, ge=1 << 16, description="Bytes one UploadSamples stream may carry.")
     max_sample_bytes: int = Field(1 << 20, ge=64, description="Largest accepted sample payload.")
+    sample_value_abs_max: float = Field(SAMPLE_VALUE_ABS_MAX, gt=0, allow_inf_nan=False, description="Float samples with any value of larger magnitude are refused at ingest (NaN and infinity always are). Float inputs reach the model unscaled, uint8 images as [0, 1].")
     grpc_max_message_bytes: int = Field(8 << 20, ge=1 << 16)
     chunk_bytes: int = Field(256 << 10, ge=1 << 10, le=4 << 20, description="Default GetUpdate chunk size.")
     watch_max_seconds: int = Field(300, ge=1, description="WatchUpdates streams end after this long.")

@@ -10,7 +10,9 @@ agree on:
 - **a batch of one sample** trains with BatchNorm layers in eval mode (:func:`_one_sample_norms`);
 - **validation** every N steps (default once per epoch) and after the last step, keeping the
   best checkpoint, ties to the later one;
-- **divergence**: a non-finite loss raises :class:`TrainingDivergedError`;
+- **divergence**: a non-finite loss raises :class:`TrainingDivergedError`, and so does a loss
+  above the :class:`LossBound` in force (:func:`bound_loss`; a round sets one from its
+  objective's chance-level loss, ``server/training/policy.py``);
 - **progress** ``(step, total, metrics)`` after every step; the loss is read from the device
   only when someone looks at it (progress, validation, the last step), since each read is a
   device sync.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,11 +46,51 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite (lower the learning rate)."""
+    """The training loss became NaN or infinite, or exceeded the :class:`LossBound` in force
+    (lower the learning rate, or look for out-of-range training data)."""
 
-    def __init__(self, message: str, *, step: int = 0, total: int = 0, loss: float = math.nan):
+    def __init__(self, message: str, *, step: int = 0, total: int = 0, loss: float = math.nan,
+                 bound: float | None = None):
         super().__init__(message)
-        self.step, self.total, self.loss = step, total, loss
+        self.step, self.total, self.loss, self.bound = step, total, loss, bound
+
+
+@dataclass(frozen=True)
+class LossBound:
+    """A minibatch loss above ``max_loss`` means the run has exploded: its weights (or its
+    data) are so far off that nothing it produces should ship. ``why`` says how the bound was
+    chosen; the error quotes it."""
+
+    max_loss: float
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_loss) and self.max_loss > 0):
+            raise ValueError(f"max_loss must be a positive finite number, got {self.max_loss}")
+
+
+_LOSS_BOUND: ContextVar[LossBound | None] = ContextVar("edgeloop_loss_bound", default=None)
+
+
+@contextmanager
+def bound_loss(bound: LossBound | None) -> Iterator[None]:
+    """Every :func:`run_loop` started inside the block (in this thread) fails with
+    :class:`TrainingDivergedError` when a loss it reads exceeds ``bound`` (None: lift it).
+
+    A context rather than a parameter, so that it reaches every loop of a round, whichever
+    trainer runs it: plain Adam, DRESS's stages and norm fine-tuning, both DPU steps and its
+    shadow chain, and loops a future model family brings, none of which a policy sees.
+    """
+    token = _LOSS_BOUND.set(bound)
+    try:
+        yield
+    finally:
+        _LOSS_BOUND.reset(token)
+
+
+def active_loss_bound() -> LossBound | None:
+    """The :class:`LossBound` in force in this thread (None: only non-finite losses fail)."""
+    return _LOSS_BOUND.get()
 
 
 class Optimizer(Protocol):
@@ -180,6 +223,22 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _check_divergence(loss: float, bound: LossBound | None, steps: tuple[int, int], total: int,
+                      context: str) -> None:
+    """Raise :class:`TrainingDivergedError` if ``loss`` (the largest of ``steps``, first and
+    last, 1-based) is not finite or is above ``bound``."""
+    over = bound if bound is not None and loss > bound.max_loss else None
+    if math.isfinite(loss) and over is None:
+        return
+    first, last = steps
+    at = f"at step {last}/{total}" if first == last else f"in steps {first}-{last}/{total}"
+    message = f"loss is {loss:.4g} {at}" + (f" of {context}" if context else "")
+    if over is not None:
+        message += f", above the divergence bound {over.max_loss:.4g}" + (f" ({over.why})" if over.why else "")
+    raise TrainingDivergedError(message, step=last, total=total, loss=loss,
+                                bound=over.max_loss if over is not None else None)
+
+
 def run_loop(
     model: nn.Module,
     optimizer: Optimizer,
@@ -207,6 +266,12 @@ def run_loop(
     ``progress(progress_offset + step + 1, progress_total, {**progress_extra, "loss", ...})``,
     then ``hooks.end_of_epoch`` when the epoch is done. ``context`` goes into the divergence
     message (e.g. which phase of which algorithm).
+
+    Divergence: a non-finite loss, or one above :func:`active_loss_bound`, raises
+    :class:`TrainingDivergedError` naming the step and the loss. A loss the loop reads (every
+    step under a ``progress`` callback; else at validation and the last step) is checked
+    before its step's update; under a bound, the steps in between are checked at the next
+    read, by their largest loss (NaN propagates through the maximum).
     """
     if n < 1:
         raise ValueError("cannot train on an empty dataset")
@@ -221,6 +286,10 @@ def run_loop(
     epoch_sum: torch.Tensor | float = 0.0
     epoch_count = 0
     stream = batch_stream(n, batch_size, rng)
+    bound = active_loss_bound()
+    # Under a bound, the largest loss of the steps nobody read, kept on the device (no sync)
+    # and checked at the next read, so an explosion between reads is not missed.
+    unread: tuple[int, torch.Tensor] | None = None  # (first such step, its largest loss)
     model.train()
     for step in range(num_steps):
         epoch, epoch_done, idx = next(stream)
@@ -236,13 +305,14 @@ def run_loop(
         evaluate = validation is not None and ((step + 1) % eval_every == 0 or last)
         if progress is not None or evaluate or last:
             # Reading the loss is a device sync, so it is done only when someone looks at it.
+            if unread is not None:
+                _check_divergence(float(unread[1]), bound, (unread[0], step), num_steps, context)
+                unread = None
             result.last_loss = float(loss.detach())
-            if not math.isfinite(result.last_loss):
-                where = f" of {context}" if context else ""
-                raise TrainingDivergedError(
-                    f"loss is {result.last_loss} at step {step + 1}/{num_steps}{where}",
-                    step=step + 1, total=num_steps, loss=result.last_loss,
-                )  # fmt: skip
+            _check_divergence(result.last_loss, bound, (step + 1, step + 1), num_steps, context)
+        elif bound is not None:
+            worst = loss.detach() if unread is None else torch.maximum(unread[1], loss.detach())
+            unread = (unread[0] if unread is not None else step + 1, worst)
         loss.backward()
         if hooks.before_step is not None:
             hooks.before_step(step)

@@ -14,6 +14,7 @@ the model's device; ``fit`` trains on CPU unless the family's trainer says other
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -109,6 +110,13 @@ class Objective(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, data: LabelledArrays) -> Evaluation:
         """Score ``model`` as a device would run it, on the validation split (non-empty)."""
+
+    def chance_loss(self, arch: ArchSpec) -> float:
+        """The loss of a uniform prediction over ``arch``'s classes, the scale an untrained
+        model starts at; a round's divergence bound is a multiple of it. ln(C) for
+        cross-entropy, and for DRESS's subnet loss too, whose weights sum to one (Eq. 3.6-3.7).
+        An objective whose loss lives on another scale overrides this."""
+        return math.log(arch.num_classes)
 
 
 class CrossEntropyObjective(Objective):

@@ -15,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from server.api.schemas import ErrorPublic
 from server.domain.errors import (
@@ -34,6 +36,9 @@ STATUS: dict[type[DomainError], int] = {
     UnauthenticatedError: 401,
 }
 INTERNAL_ERROR = "internal server error"
+UNREADABLE_BODY = "body: not a UTF-8 JSON document"
+METHOD_NOT_ALLOWED = "method not allowed here; allowed: {allow}"
+PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # What each error status means, for the OpenAPI description of the routes that can return it.
 ERROR_TEXT: dict[int, str] = {
     401: "Missing or wrong operator token.",
@@ -50,15 +55,38 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"description": ERROR_TEXT[code], "model": ErrorPublic} for code in codes}
 
 
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """The methods some route serves at this request's path, found by asking the router about
+    each. Starlette's own 405 names only the first route whose path matched, so
+    ``OPTIONS /api/v1/rounds`` said ``Allow: POST`` without GET."""
+    return [
+        method for method in PROBED_METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)
+    ]
+
+
 def status_of(exc: DomainError) -> int:
     return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
+
+
+def _collapse(parts: Iterable[str]) -> list[str]:
+    """Drops a part equal to the one before: a tagged union's member tag repeats its field
+    (``body.cohort.tag.tag`` reads ``body.cohort.tag``)."""
+    out: list[str] = []
+    for part in parts:
+        if not out or out[-1] != part:
+            out.append(part)
+    return out
 
 
 def format_errors(errors: Iterable[Mapping[str, Any]]) -> str:
     """pydantic's error list as ``"body.cohort.tag: String should match pattern ...; ..."``."""
     parts = []
     for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+        if err.get("type") == "json_invalid":  # loc holds a character offset, not a field
+            parts.append(f"body: invalid JSON at character {err['loc'][-1]}: {err.get('ctx', {}).get('error', '')}")
+            continue
+        loc = ".".join(_collapse(str(p) for p in err.get("loc", ())))
         parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
     return "; ".join(parts) or "invalid request"
 
@@ -79,7 +107,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, format_errors(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's only 400: a body it could not decode (e.g. not UTF-8). A malformed body
+            # is a 422 like every other malformed request, as the OpenAPI document says.
+            return error_response(422, UNREADABLE_BODY)
+        if exc.status_code == 405:
+            allow = ", ".join(allowed_methods(request.app, request.scope))
+            return error_response(405, METHOD_NOT_ALLOWED.format(allow=allow), {"Allow": allow})
         return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)

@@ -7,6 +7,8 @@ are open for probes and scrapers. OpenAPI: /docs and /openapi.json.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -68,6 +70,23 @@ def operation_id(route: APIRoute) -> str:
     return f"{route.tags[0]}-{route.name}" if route.tags else route.name
 
 
+def add_runtime_bounds(app: FastAPI, ctx: ServerContext) -> None:
+    """Writes the bounds that come from this server's settings into its OpenAPI document (the
+    pydantic models cannot know them): a label is at most ``num_classes - 1``."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        first = app.openapi_schema is None
+        schema = generate()  # FastAPI caches it in app.openapi_schema
+        if first:
+            label = schema["components"]["schemas"]["LabelIn"]["properties"]["label"]
+            label["maximum"] = ctx.settings.arch.num_classes - 1
+            label["description"] = f"Class label, in [0, {ctx.settings.arch.num_classes})."
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(ctx: ServerContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(
         title="EdgeLoop operator API",
@@ -89,4 +108,5 @@ def create_app(ctx: ServerContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> F
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)
+    add_runtime_bounds(app, ctx)
     return app

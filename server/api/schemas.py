@@ -11,12 +11,23 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+)
 
 from server.domain.devices import MAX_TAGS, TAG
-from server.training.registry import DEFAULT_METHOD
+from server.training.registry import DEFAULT_METHOD, POLICIES
 
 HEX64 = r"^[0-9a-f]{64}$"
+# pydantic's regex (like JSON Schema's) anchors '$' at the very end; Python's re would let a
+# trailing newline through.
+TagStr = Annotated[str, StringConstraints(pattern=TAG.pattern)]
 MAX_LABELS_PER_REQUEST = 10_000
 MAX_COHORT_DEVICES = 10_000
 
@@ -101,7 +112,7 @@ class DevicesPublic(BodyOut):
 
 class DeviceUpdate(BodyIn):
     name: str | None = Field(None, min_length=1, max_length=128, description="New name; omit to keep.")
-    tags: list[str] | None = Field(
+    tags: list[TagStr] | None = Field(
         None, max_length=MAX_TAGS,
         description=f"New tag set (replaces the old one); each matches {TAG.pattern}. Omit to keep.",
     )
@@ -204,32 +215,55 @@ class ArtefactsPublic(BodyOut):
 # --- rounds ---------------------------------------------------------------------------------
 
 
-class Cohort(BodyIn):
-    """Exactly one of ``all``, ``device_ids`` or ``tag``."""
+class CohortAll(BodyIn):
+    all: Literal[True] = Field(description="true: every non-revoked device.")
 
-    all: Literal[True] | None = Field(None, description="true: every non-revoked device.")
-    device_ids: list[str] | None = Field(
-        None, min_length=1, max_length=MAX_COHORT_DEVICES, description="These devices (all must exist)."
+
+class CohortDevices(BodyIn):
+    device_ids: list[str] = Field(
+        min_length=1, max_length=MAX_COHORT_DEVICES, description="These devices (all must exist)."
     )
-    tag: str | None = Field(None, pattern=TAG.pattern, description="Every non-revoked device with this tag.")
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Cohort:
-        chosen = [k for k in ("all", "device_ids", "tag") if getattr(self, k) is not None]
-        if len(chosen) != 1:
-            raise ValueError(f"cohort needs exactly one of 'all', 'device_ids', 'tag'; got {chosen or 'none'}")
-        return self
 
-    def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+class CohortTag(BodyIn):
+    tag: TagStr = Field(description="Every non-revoked device with this tag.")
+
+
+COHORT_KEYS = ("all", "device_ids", "tag")
+COHORT_NEEDS_ONE = "cohort needs exactly one of 'all', 'device_ids', 'tag'"
+
+
+def _cohort_kind(value: Any) -> str | None:
+    """The union member a cohort is meant to be: the first of its keys that names one (a second
+    key is then refused as an extra input). None (no such key) is the one-line error below."""
+    if isinstance(value, BaseModel):
+        return next(k for k in COHORT_KEYS if k in type(value).model_fields)
+    if isinstance(value, dict):
+        return next((k for k in COHORT_KEYS if k in value), None)
+    return None
+
+
+# A oneOf in the OpenAPI document, so the schema refuses what the server refuses ({}, two keys).
+Cohort = Annotated[
+    Annotated[CohortAll, Tag("all")] | Annotated[CohortDevices, Tag("device_ids")] | Annotated[CohortTag, Tag("tag")],
+    Discriminator(_cohort_kind, custom_error_type="cohort", custom_error_message=COHORT_NEEDS_ONE),
+    Field(description="Exactly one of {\"all\": true}, {\"device_ids\": [...]}, {\"tag\": \"...\"}."),
+]
+
+
+def _method_enum(schema: dict[str, Any]) -> None:
+    # Filled when the document is generated, so it lists every policy registered by then; the
+    # handler keeps its own check (and its message naming the available methods).
+    schema["enum"] = sorted(POLICIES)
 
 
 class RoundCreate(BodyIn):
     method: str = Field(
         DEFAULT_METHOD, min_length=1, max_length=32,
         description=f"Update policy (GET /api/v1/rounds/methods lists them); default '{DEFAULT_METHOD}'.",
+        json_schema_extra=_method_enum,
     )
-    cohort: Cohort = Field(default_factory=lambda: Cohort(all=True), description="Devices the new version targets.")
+    cohort: Cohort = Field(default_factory=lambda: CohortAll(all=True), description="Devices the new version targets.")
     params: dict[str, Any] = Field(
         default_factory=dict, description="Policy parameters; unknown keys are refused. Stored resolved, defaults filled."
     )

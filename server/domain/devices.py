@@ -32,7 +32,7 @@ def credential_hash(credential: str) -> str:
 def validate_tags(tags: list[str]) -> list[str]:
     if len(tags) > MAX_TAGS:
         raise InvalidArgumentError(f"at most {MAX_TAGS} tags, got {len(tags)}")
-    bad = [t for t in tags if not TAG.match(t)]
+    bad = [t for t in tags if not TAG.fullmatch(t)]
     if bad:
         raise InvalidArgumentError(f"tags must match {TAG.pattern}: {bad[:3]}")
     return sorted(set(tags))

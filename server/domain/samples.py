@@ -21,6 +21,10 @@ from shared.models import ArchSpec
 from shared.samples import SampleFormatError, decode_sample, sample_id
 
 MAX_META_ENTRIES = 32
+# Float samples reach the model as they are, while uint8 images are scaled to [0, 1]
+# (shared.tensors.to_model_input): 1000 leaves three orders of magnitude for unnormalised
+# features and refuses the values that blow training up (1e30 gave a loss of 1e27).
+SAMPLE_VALUE_ABS_MAX = 1000.0
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,11 @@ class IngestResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (sample_id, reason)
 
 
-def check_sample(s: SampleIn, arch: ArchSpec, max_bytes: int) -> tuple[str, np.ndarray | None]:
-    """Returns ("", array) for a valid sample, or (reason, None)."""
+def check_sample(
+    s: SampleIn, arch: ArchSpec, max_bytes: int, value_abs_max: float = SAMPLE_VALUE_ABS_MAX
+) -> tuple[str, np.ndarray | None]:
+    """Returns ("", array) for a valid sample, or (reason, None). Float values must be finite
+    (the decoder refuses NaN and infinity) and within ``[-value_abs_max, value_abs_max]``."""
     if len(s.payload) > max_bytes:
         return f"payload of {len(s.payload)} bytes exceeds {max_bytes}", None
     if sample_id(s.payload) != s.sample_id:
@@ -52,6 +59,9 @@ def check_sample(s: SampleIn, arch: ArchSpec, max_bytes: int) -> tuple[str, np.n
         return str(exc), None
     if tuple(x.shape) != arch.input_shape:
         return f"shape {tuple(x.shape)} does not match the fleet model input {arch.input_shape}", None
+    if x.dtype.kind == "f" and (peak := float(np.abs(x).max())) > value_abs_max:
+        return (f"float sample value of magnitude {peak:.4g} exceeds sample_value_abs_max={value_abs_max:g}"
+                " (inputs reach the model unscaled)"), None
     if s.label is not None and not 0 <= s.label < arch.num_classes:
         return f"label {s.label} outside [0, {arch.num_classes})", None
     if len(s.metadata) > MAX_META_ENTRIES or any(len(k) > 64 or len(v) > 256 for k, v in s.metadata.items()):
@@ -60,14 +70,16 @@ def check_sample(s: SampleIn, arch: ArchSpec, max_bytes: int) -> tuple[str, np.n
 
 
 def ingest_samples(
-    session: Session, blobs: BlobStore, device: Device, samples: list[SampleIn], *, arch: ArchSpec, max_bytes: int
+    session: Session, blobs: BlobStore, device: Device, samples: list[SampleIn], *, arch: ArchSpec, max_bytes: int,
+    value_abs_max: float = SAMPLE_VALUE_ABS_MAX,
 ) -> IngestResult:
-    """Validate and store samples for ``device``. Blobs are fsynced before the rows are added;
-    the caller's transaction commit makes them visible, and only then may it acknowledge."""
+    """Validate (:func:`check_sample`) and store samples for ``device``. Blobs are fsynced
+    before the rows are added; the caller's transaction commit makes them visible, and only
+    then may it acknowledge."""
     result = IngestResult()
     valid: dict[str, tuple[SampleIn, np.ndarray]] = {}
     for s in samples:
-        reason, x = check_sample(s, arch, max_bytes)
+        reason, x = check_sample(s, arch, max_bytes, value_abs_max)
         if reason:
             result.rejected.append((s.sample_id, reason))
         elif s.sample_id not in valid:
@@ -234,7 +246,13 @@ def load_labelled(
         tags.append(tags_of.get(device_id, ()))
 
     def stack(xs: list[np.ndarray]) -> np.ndarray:
-        return np.stack(xs) if xs else np.zeros((0, *arch.input_shape), dtype=np.uint8)
+        if not xs:
+            return np.zeros((0, *arch.input_shape), dtype=np.uint8)
+        if len({x.dtype for x in xs}) > 1:
+            # uint8 images beside float samples: np.stack would promote the images unscaled
+            # (0..255), so give each the scale the model sees (shared.tensors.to_model_input).
+            xs = [x.astype(np.float32) / np.float32(255) if x.dtype == np.uint8 else x for x in xs]
+        return np.stack(xs)
 
     (xt, yt, it, tt), (xv, yv, iv, tv) = split[False], split[True]
     return LabelledData(stack(xt), np.asarray(yt, dtype=np.int64), stack(xv), np.asarray(yv, dtype=np.int64),

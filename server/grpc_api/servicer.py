@@ -127,7 +127,8 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
             with transaction(self.factory) as s:
                 device = s.get(Device, device_id)
                 result = ingest_samples(s, self.blobs, device, samples, arch=self.settings.arch,
-                                        max_bytes=self.settings.max_sample_bytes)
+                                        max_bytes=self.settings.max_sample_bytes,
+                                        value_abs_max=self.settings.sample_value_abs_max)
             # The transaction has committed: only now is it safe to acknowledge.
             if result.rejected:
                 log.warning("device %s: %d samples rejected (first: %s)", device_id, len(result.rejected),

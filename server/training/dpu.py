@@ -179,7 +179,7 @@ class DPUPolicy(UpdatePolicy):
     Params = DPUParams
     State = DPUState
 
-    def run(self, inputs: RoundInputs) -> RoundOutcome:
+    def train(self, inputs: RoundInputs) -> RoundOutcome:
         p: DPUParams = inputs.params
         data = inputs.data
         base = inputs.base_state

@@ -25,7 +25,7 @@ class FullRetrainPolicy(UpdatePolicy):
     name = "full"
     Params = FullParams
 
-    def run(self, inputs: RoundInputs) -> RoundOutcome:
+    def train(self, inputs: RoundInputs) -> RoundOutcome:
         p: FullParams = inputs.params
         data = inputs.data
         if data.total < p.min_labelled:

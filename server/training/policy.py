@@ -7,6 +7,11 @@ Two orthogonal axes, no family branches:
 - the *objective* (``shared.objectives``, chosen by the model family of ``inputs.arch``) says
   what is optimised and how a version is evaluated;
 - the *policy* (this module's subclasses) says what ships: the whole model, a DPU diff, ...
+
+Every round trains under a divergence bound (:func:`loss_bound`): a minibatch loss that is not
+finite, or above ``max_loss_factor`` times the objective's chance-level loss, raises
+``shared.loop.TrainingDivergedError`` out of :meth:`UpdatePolicy.run`, and the worker fails
+the round with that message (step and loss) instead of publishing.
 """
 
 from __future__ import annotations
@@ -17,19 +22,44 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.domain.samples import LabelledData
+from shared.loop import LossBound, bound_loss
 from shared.models import ArchSpec
+from shared.objectives import objective_for
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 StateDict = dict[str, torch.Tensor]
+
+
+# An untrained classifier starts near the chance-level loss (ln C for cross-entropy). A trained
+# Fashion-MNIST MLP scored on every label shifted by one scores ~7x it; inputs at the ingest
+# bound (1000) give an untrained MLP ~35x. A run three orders of magnitude above has exploded,
+# or trains on out-of-range data (float inputs of 1e30 trained at a loss of 1e27).
+DEFAULT_MAX_LOSS_FACTOR = 1000.0
 
 
 class PolicyParams(BaseModel):
     """Parameters every policy accepts; subclasses add their own. Unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid")
+
+    max_loss_factor: float | None = Field(
+        DEFAULT_MAX_LOSS_FACTOR, gt=1, le=1e12, description=(
+            "The round fails as diverged when a minibatch training loss exceeds this multiple of "
+            "the chance-level loss (cross-entropy: ln of the class count, so 2303 for 10 classes "
+            "at the default). null: only a NaN or infinite loss fails it."))
+
+
+def loss_bound(arch: ArchSpec, params: PolicyParams) -> LossBound | None:
+    """The divergence bound of a round: ``max_loss_factor`` x the chance-level loss of the
+    objective of ``arch``'s family (None when the factor is null)."""
+    factor = params.max_loss_factor
+    if factor is None:
+        return None
+    chance = objective_for(arch).chance_loss(arch)
+    return LossBound(factor * chance, why=f"max_loss_factor={factor:g} x chance-level loss {chance:.4g}")
 
 
 class PolicyState(ABC):
@@ -97,6 +127,12 @@ class UpdatePolicy(ABC):
     def parse_params(self, raw: dict[str, Any]) -> PolicyParams:
         return self.Params.model_validate(raw)
 
-    @abstractmethod
     def run(self, inputs: RoundInputs) -> RoundOutcome:
+        """:meth:`train` under the round's divergence bound (:func:`loss_bound`); a loss that
+        explodes or is not finite raises ``shared.loop.TrainingDivergedError``."""
+        with bound_loss(loss_bound(inputs.arch, inputs.params)):
+            return self.train(inputs)
+
+    @abstractmethod
+    def train(self, inputs: RoundInputs) -> RoundOutcome:
         """Train and return the outcome. Must not touch the database or the network."""

@@ -65,5 +65,8 @@ def apply_values(
     """
     if coding == RAW:
         return values.astype(wd.storage, copy=True)
-    new = from_acc(np.add(to_acc(base, wd), dequantise(values, coding, scale, wd)), wd)
+    # Overflow to inf is IEEE's defined result (a diff whose scale overflows is then refused by
+    # its target hash); errstate only silences the warning, which -W error would raise.
+    with np.errstate(over="ignore", invalid="ignore"):
+        new = from_acc(np.add(to_acc(base, wd), dequantise(values, coding, scale, wd)), wd)
     return np.where(values == 0, base, new)

@@ -247,8 +247,14 @@ def _decode(data: bytes, base: StateDict | None, base_hash: str | None = None) -
     )
 
 
-def decode_diff(data: bytes, base: StateDict | None) -> DecodedArtefact:
-    """Apply a diff to ``base`` (not modified); raises a :class:`DiffError` subclass if refused."""
+def decode_diff(
+    data: bytes, base: StateDict | None, *, max_parameters: int | None = None
+) -> DecodedArtefact:
+    """Apply a diff to ``base`` (not modified); raises a :class:`DiffError` subclass if refused.
+
+    ``max_parameters`` is accepted for the decoder registry and not needed: a diff cannot
+    change the base's names or shapes, so the result is exactly as large as ``base``."""
+    del max_parameters
     return _decode(bytes(data), base)
 
 

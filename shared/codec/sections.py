@@ -61,6 +61,10 @@ def decompress(stored: memoryview, sec: Section, elem: int, what: str) -> bytes:
         return bytes(stored)
     if sec.compression == C_SHUFFLE_ZSTD and elem <= 1:
         raise UnknownEncodingError(f"{what}: byte shuffle is only defined for multi-byte values")
+    if sec.compression == C_SHUFFLE_ZSTD and sec.raw_len % elem:
+        raise BadValuesError(
+            f"{what}: shuffled section of {sec.raw_len} bytes is not whole {elem}-byte values"
+        )
     try:
         declared = zstandard.get_frame_parameters(stored).content_size
         if declared != sec.raw_len:  # also refuses frames without a content size

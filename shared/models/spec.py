@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -10,7 +11,14 @@ from typing import Any
 from shared.models.families import parse_families
 
 KINDS = ("mlp", "cnn")
-_MAX_WIDTH = 1 << 16
+# Structural bounds, checked on construction: a spec arrives as JSON inside an artefact, and
+# everything built from it (a meta-device build included) must stay cheap before any cap on
+# its size (shared.artefacts.check_arch_bounds) has been checked.
+_MAX_WIDTH = 1 << 16  # per width, class count and input dimension
+MAX_HIDDEN_LAYERS = 64
+MAX_CONV_STAGES = 16  # 2x2 pooling: 16 stages already shrink a 65536-wide input to 1
+MAX_INPUT_ELEMENTS = 1 << 24
+MAX_SPEC_JSON_BYTES = 8192  # canonical JSON; bounds family sections (e.g. DRESS subnets) too
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,13 @@ class ArchSpec:
             raise ValueError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
         if not 1 <= len(self.input_shape) <= 3 or any(d < 1 or d > _MAX_WIDTH for d in self.input_shape):
             raise ValueError(f"input_shape must be 1 to 3 positive sizes, got {self.input_shape}")
+        if math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input_shape {self.input_shape} exceeds {MAX_INPUT_ELEMENTS} elements")
+        if len(self.hidden) > MAX_HIDDEN_LAYERS or len(self.channels) > MAX_CONV_STAGES:
+            raise ValueError(
+                f"at most {MAX_HIDDEN_LAYERS} hidden layers and {MAX_CONV_STAGES} conv stages, "
+                f"got {len(self.hidden)} and {len(self.channels)}"
+            )
         if not 2 <= self.num_classes <= _MAX_WIDTH:
             raise ValueError(f"num_classes must lie in [2, {_MAX_WIDTH}], got {self.num_classes}")
         for name, widths in (("hidden", self.hidden), ("channels", self.channels)):
@@ -66,19 +81,27 @@ class ArchSpec:
                 raise ValueError(
                     f"{len(self.channels)} pooling stages shrink {h}x{w} inputs to nothing"
                 )
+        try:
+            size = len(self.to_json())
+        except (TypeError, ValueError, RecursionError) as exc:  # NaN, or not plain JSON
+            raise ValueError(f"extra must be plain JSON: {exc}") from exc
+        if size > MAX_SPEC_JSON_BYTES:
+            raise ValueError(f"architecture spec of {size} bytes exceeds {MAX_SPEC_JSON_BYTES}")
         # Each section belongs to a model family (shared/models/families.py), which validates
         # it; an unknown key names the installed families.
         parse_families(self.extra)
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no whitespace): equal specs give equal strings."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> ArchSpec:
+        if len(text) > 4 * MAX_SPEC_JSON_BYTES:  # whitespace allowed, but not without end
+            raise ValueError(f"architecture spec of {len(text)} bytes is too long")
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"architecture spec is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
@@ -94,6 +117,36 @@ class ArchSpec:
             return cls(**data)
         except TypeError as exc:
             raise ValueError(f"architecture spec is incomplete: {exc}") from exc
+        except (OverflowError, RecursionError) as exc:  # e.g. a 400-digit integer in a section
+            raise ValueError(f"architecture spec holds an out-of-range value: {exc}") from exc
+
+
+def parameter_count(spec: ArchSpec) -> int:
+    """State-dict elements (parameters and buffers) of the backbone :func:`build_model` builds
+    for ``spec``, computed from the widths alone (no torch, no allocation); model families'
+    tensors are not included. Exact for a spec without ``extra``."""
+    def linear(n_in: int, n_out: int, bias: bool = True) -> int:
+        return n_in * n_out + (n_out if bias else 0)
+
+    def norm(width: int) -> int:  # weight, bias, running mean and variance, batch counter
+        return 4 * width + 1
+
+    total = 0
+    if spec.kind == "mlp":
+        width = math.prod(spec.input_shape)
+        for h in spec.hidden:
+            total += linear(width, h)
+            width = h
+    else:  # cnn: two conv3x3 (no bias) + BatchNorm2d per stage, then Linear(no bias) + BN1d
+        c, h, w = spec.input_shape
+        for out in spec.channels:
+            total += 9 * c * out + norm(out) + 9 * out * out + norm(out)
+            c, h, w = out, h // 2, w // 2
+        width = c * h * w
+        for hid in spec.hidden:
+            total += linear(width, hid, bias=False) + norm(hid)
+            width = hid
+    return total + linear(width, spec.num_classes)
 
 
 def default_spec(kind: str, input_shape: tuple[int, ...], num_classes: int) -> ArchSpec:

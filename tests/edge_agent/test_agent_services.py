@@ -114,6 +114,24 @@ def test_rollback_on_a_live_agent_is_reported_and_not_retried(server, server_ctx
         agent.stop()
 
 
+def test_a_download_past_the_data_dir_budget_is_refused_and_reported(server, server_ctx, tmp_path,
+                                                                      wait_until):
+    """max_data_dir_bytes reaches the updater: with the queue's reserve and the local data
+    counted, a 51 KB artefact does not fit 128 KiB, so the agent refuses it before writing a
+    byte and says why in last_error and /status."""
+    agent = _agent(tmp_path, server.address, queue_max_bytes=64 << 10, max_artefact_bytes=64 << 10,
+                   max_data_dir_bytes=128 << 10)
+    agent.start()
+    try:
+        wait_until(lambda: "max_data_dir_bytes" in agent.conn.last_error, 30, "the refusal")
+        status = agent.status()
+        assert status["update_state"] == "failed" and "max_data_dir_bytes=131072" in status["update"]["reason"]
+        assert agent.fetcher.stats.bytes_downloaded == 0 and not agent.runner.ready
+        assert list((tmp_path / "agent" / "downloads").iterdir()) == []
+    finally:
+        agent.stop()
+
+
 def test_a_rejected_credential_registers_again(server, server_ctx, tmp_path, wait_until):
     agent = _agent(tmp_path, server.address)
     agent.start()

@@ -113,6 +113,21 @@ def test_gc_keeps_current_previous_and_newest(tmp_path, tiny_arch, models, make_
         store.gc(keep=0)
 
 
+def test_gc_drops_rolled_back_models_first(tmp_path, tiny_arch, make_state):
+    """After a rollback the rejected model is the newest file; it must not keep its place
+    over the older model worth keeping, nor pile up over repeated rollbacks."""
+    store = ModelStore(tmp_path)
+    hashes = []
+    for seed in range(20, 24):
+        state = make_state(seed)
+        hashes.append(store.install(tiny_arch, state, expected_hash=model_hash(state)))
+        t = 1_000_000 + seed
+        os.utime(store.model_path(hashes[-1]), (t, t))
+    store.activate(hashes[2])  # hashes[3] rolled back: pointer (hashes[2], none)
+    assert store.gc(keep=2, discard=[hashes[3], hashes[2]]) == [hashes[3], hashes[0]]
+    assert store.installed() == sorted(hashes[1:3])  # the pointer's model is never discarded
+
+
 # -- crashes and corruption ----------------------------------------------------------------
 
 
@@ -234,3 +249,16 @@ def test_power_loss_at_every_step_of_an_install(tmp_path, tiny_arch, models, mon
     # the old model until the pointer switch, the new one after it; never back again
     switch = seen.index(h2)
     assert seen == [h1] * switch + [h2] * (len(seen) - switch) and switch > 0
+
+
+def test_the_parameter_bound_applies_when_a_model_is_reloaded(tmp_path, tiny_arch, models):
+    """The agent's max_model_parameters reaches the store too: a stored model over the bound is
+    not loaded (and one under a raised bound, installed by the updater, reloads after a restart)."""
+    from shared.artefacts import check_arch_bounds
+
+    (s1, h1), _, _ = models
+    n = check_arch_bounds(tiny_arch)
+    ModelStore(tmp_path).install(tiny_arch, s1, expected_hash=h1)
+    assert ModelStore(tmp_path, max_parameters=n).current().model_hash == h1
+    with pytest.raises(ModelStoreError, match="exceeds|limit|parameters"):
+        ModelStore(tmp_path, max_parameters=n - 1).load(h1)

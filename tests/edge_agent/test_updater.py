@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from edge_agent.client import CredentialRejected, FleetClient, PermanentError, TransientError
+from edge_agent.disk_budget import DataDirBudget
 from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import ModelStore
 from edge_agent.probation import ProbationConfig
@@ -67,14 +68,16 @@ class Agent:
     """The update path of one agent, as the daemon wires it."""
 
     def __init__(self, address: str, agent_dir: Path, credential: str, cut_after: int | None = None,
-                 max_artefact_bytes: int = 1 << 26) -> None:
-        self.client = FlakyClient(address, cut_after)
+                 max_artefact_bytes: int = 1 << 26, client_cls: type[FlakyClient] = FlakyClient,
+                 budget: DataDirBudget | None = None) -> None:
+        self.client = client_cls(address, cut_after)
         self.client.credential = credential
         self.store, self.runner = ModelStore(agent_dir / "models"), ModelRunner()
         current = self.store.current()
         if current is not None:  # what the daemon does at start-up
             self.runner.load(current.arch, current.state, current.model_hash)
-        self.updater = Updater(self.client, agent_dir, max_artefact_bytes=max_artefact_bytes, chunk_bytes=CHUNK)
+        self.updater = Updater(self.client, agent_dir, max_artefact_bytes=max_artefact_bytes, chunk_bytes=CHUNK,
+                               budget=budget)
         self.local = LocalDataset(agent_dir / "local_data.db")
         self.machine = UpdateMachine(
             UpdateContext(self.updater, self.store, self.runner, self.local, ProbationConfig()),
@@ -115,6 +118,13 @@ def _publish_next(ctx, seed: int) -> str:
 def _artefact_size(ctx, model_hash: str) -> int:
     with transaction(ctx.factory) as s:
         return ctx.blobs.size(get_version(s, model_hash).full_artefact_sha256)
+
+
+def _artefact(ctx, model_hash: str) -> tuple[str, bytes]:
+    """The full artefact the server ships for ``model_hash``: its SHA-256 and bytes."""
+    with transaction(ctx.factory) as s:
+        sha = get_version(s, model_hash).full_artefact_sha256
+    return sha, ctx.blobs.path(sha).read_bytes()
 
 
 def _leftovers(agent_dir: Path) -> list[str]:
@@ -320,3 +330,90 @@ def test_model_that_does_not_fit_its_architecture_is_refused(server, server_ctx,
         assert dev.runner.predict(np.zeros((1, 1, 28, 28), np.uint8))[0].shape == (1,)
     finally:
         dev.close()
+
+
+# --- the server restarts the stream: what the part file holds must go --------------------------
+
+
+class RestartingClient(FlakyClient):
+    """A link through a proxy that does not resume: the request reaches the server without its
+    ``artefact_sha256`` and ``offset``, so the same artefact comes back from byte 0."""
+
+    def get_update(self, req, timeout_s=None):
+        fresh = pb.GetUpdateRequest()
+        fresh.CopyFrom(req)
+        fresh.ClearField("artefact_sha256")
+        fresh.offset = 0
+        self.requests.append((req.artefact_sha256, req.offset))
+        yield from FleetClient.get_update(self, fresh, timeout_s)
+
+
+def test_a_stale_part_of_the_artefact_sent_from_byte_0_is_discarded(server, server_ctx, tmp_path):
+    """The device resumes artefact X towards the target; the server now prefers artefact A
+    and sends it from byte 0, while a stale 32 KiB ``<A>.part`` lies in downloads/ (left by an
+    earlier attempt). The part must not be continued: before, every try failed with "chunk at
+    offset 0, expected 32768" and cost a backoff."""
+    cred, v0 = _register(server.address)
+    target = _publish_next(server_ctx, seed=3)
+    other_sha, other = _artefact(server_ctx, v0)
+    sha, data = _artefact(server_ctx, target)
+    assert len(data) > 32 * CHUNK
+    agent_dir = tmp_path / "agent"
+    dev = Agent(server.address, agent_dir, cred)
+    try:
+        downloads = agent_dir / "downloads"
+        (downloads / f"{other_sha}.part").write_bytes(other[:5 * CHUNK])
+        dev.updater._save(pb.UpdateInfo(artefact_sha256=other_sha, artefact_size=len(other),
+                                        final_model_hash=target))
+        (downloads / f"{sha}.part").write_bytes(b"\0" * 32 * CHUNK)
+        assert dev.update_to(target) is State.COMMITTED, dev.machine.record.reason
+        assert dev.client.requests == [(other_sha, 5 * CHUNK)]  # one try, resuming what it held
+        assert dev.updater.stats.bytes_downloaded == len(data) and dev.updater.stats.failures == 0
+        assert dev.store.current_hash() == dev.runner.model_hash == target
+        assert _leftovers(agent_dir) == [] and not dev.updater.state_file.exists()
+    finally:
+        dev.close()
+
+
+def test_the_same_artefact_restarted_from_byte_0_is_downloaded_afresh(server, server_ctx, tmp_path):
+    cred, target = _register(server.address)
+    size = _artefact_size(server_ctx, target)
+    agent_dir = tmp_path / "agent"
+    dev = Agent(server.address, agent_dir, cred, cut_after=32)
+    assert dev.update_to(target) is State.DOWNLOADING  # 32 KiB held
+    dev.close()
+    dev2 = Agent(server.address, agent_dir, cred, client_cls=RestartingClient)
+    try:
+        assert dev2.update_to(target) is State.COMMITTED, dev2.machine.record.reason
+        sha, offset = dev2.client.requests[0]
+        assert offset == 32 * CHUNK  # it asked to resume; the answer started over
+        assert dev2.updater.stats.bytes_downloaded == size and dev2.updater.stats.failures == 0
+        assert dev2.store.current().model_hash == target
+        assert _leftovers(agent_dir) == []
+    finally:
+        dev2.close()
+
+
+def test_a_resume_at_an_offset_not_held_is_refused_and_discarded(server, server_ctx, tmp_path):
+    """A server answering at a non-zero offset other than ours cannot be continued: refused
+    (a server bug), and the part goes so the retry starts clean."""
+
+    class SkewedClient(FlakyClient):
+        def get_update(self, req, timeout_s=None):
+            for msg in FleetClient.get_update(self, req, timeout_s):
+                if msg.HasField("info") and msg.info.offset:
+                    msg.info.offset += CHUNK
+                yield msg
+
+    cred, target = _register(server.address)
+    agent_dir = tmp_path / "agent"
+    dev = Agent(server.address, agent_dir, cred, cut_after=8)
+    assert dev.update_to(target) is State.DOWNLOADING
+    dev.close()
+    dev2 = Agent(server.address, agent_dir, cred, client_cls=SkewedClient)
+    try:
+        assert dev2.update_to(target) is State.FAILED
+        assert "we held 8192" in dev2.machine.record.reason
+        assert _leftovers(agent_dir) == [] and not dev2.updater.state_file.exists()
+    finally:
+        dev2.close()

@@ -91,6 +91,13 @@ def test_validate_tags_normalises():
     assert D.validate_tags(["b", "a.x", "a_1", "b"]) == ["a.x", "a_1", "b"]
 
 
+@pytest.mark.parametrize("tag", ["lab\n", "Lab", "", "a" * 65, "a b"])
+def test_validate_tags_refuses_what_the_pattern_does_not_cover(tag):
+    # "$" alone would let a trailing newline through (re.match): tags name cohorts and lineages.
+    with pytest.raises(InvalidArgumentError, match="tags must match"):
+        D.validate_tags([tag])
+
+
 def test_authenticate_refuses_missing_unknown_and_revoked(server_ctx):
     device_id, cred = register(server_ctx)
     with pytest.raises(UnauthenticatedError, match="missing"):

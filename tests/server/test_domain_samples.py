@@ -12,6 +12,7 @@ from server.db.models import Device, Sample
 from server.domain import devices as D
 from server.domain.errors import InvalidArgumentError, NotFoundError
 from server.domain.samples import (
+    SAMPLE_VALUE_ABS_MAX,
     SampleCache,
     SampleIn,
     ingest_samples,
@@ -22,6 +23,7 @@ from server.domain.samples import (
 )
 from shared.data import load_dataset
 from shared.samples import encode_sample, sample_id
+from shared.tensors import to_model_input
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +126,64 @@ def test_float32_samples_of_the_right_shape_are_accepted(server_ctx):
     dev = register(server_ctx, "hw-1")
     x = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
     assert ingest(server_ctx, dev, [sample_in(x, 3)]).accepted == 1
+
+
+def test_float_samples_out_of_range_or_not_finite_are_refused_with_the_reason(server_ctx):
+    dev = register(server_ctx, "hw-1")
+    limit = server_ctx.settings.sample_value_abs_max
+    assert limit == SAMPLE_VALUE_ABS_MAX  # the documented default
+    one_spike = np.zeros((1, 28, 28), np.float32)
+    one_spike[0, 13, 7] = -1e30  # a single element is enough
+    bad = {
+        "all 1e30": sample_in(np.full((1, 28, 28), 1e30, np.float32), 1),
+        "one -1e30": sample_in(one_spike, 2),
+        "just above": sample_in(np.full((1, 28, 28), np.nextafter(np.float32(limit), np.float32(np.inf))), 3),
+        "nan": sample_in(np.full((1, 28, 28), np.nan, np.float32), 4),
+        "inf": sample_in(np.full((1, 28, 28), np.inf, np.float32), 5),
+        "-inf": sample_in(np.full((1, 28, 28), -np.inf, np.float32), 6),
+    }
+    good = [sample_in(np.full((1, 28, 28), -limit, np.float32), 7),  # the bound itself is allowed
+            sample_in(np.full((1, 28, 28), 255, np.uint8), 8)]  # uint8 is [0, 1] to the model
+    res = ingest(server_ctx, dev, [*bad.values(), *good])
+    assert res.accepted == 2 and sorted(res.committed_ids) == sorted(g.sample_id for g in good)
+    reasons = dict(res.rejected)
+    assert set(reasons) == {b.sample_id for b in bad.values()}
+    assert f"magnitude 1e+30 exceeds sample_value_abs_max={limit:g}" in reasons[bad["all 1e30"].sample_id]
+    assert "magnitude 1e+30 exceeds" in reasons[bad["one -1e30"].sample_id]
+    assert "exceeds sample_value_abs_max" in reasons[bad["just above"].sample_id]
+    for key in ("nan", "inf", "-inf"):
+        assert "NaN or infinity" in reasons[bad[key].sample_id]
+    assert n_rows(server_ctx) == 2
+    assert not any(server_ctx.blobs.has(b.sample_id) for b in bad.values())
+
+
+def test_the_float_sample_bound_is_configurable(server_ctx):
+    dev = register(server_ctx, "hw-1")
+    small, large = (sample_in(np.full((1, 28, 28), v, np.float32), 1) for v in (2.5, 3.5))
+    with transaction(server_ctx.factory) as s:
+        res = ingest_samples(s, server_ctx.blobs, s.get(Device, dev), [small, large], arch=server_ctx.settings.arch,
+                             max_bytes=server_ctx.settings.max_sample_bytes, value_abs_max=3.0)
+    assert res.committed_ids == [small.sample_id]
+    assert dict(res.rejected) == {large.sample_id: "float sample value of magnitude 3.5 exceeds "
+                                                   "sample_value_abs_max=3 (inputs reach the model unscaled)"}
+
+
+def test_uint8_images_beside_float_samples_load_on_the_model_scale(server_ctx, fmnist):
+    """np.stack would promote the images to float unscaled (0..255); each must keep the scale
+    shared.tensors.to_model_input gives it."""
+    x, y = fmnist
+    dev = register(server_ctx, "hw-1")
+    floats = np.random.default_rng(0).random((30, 1, 28, 28), dtype=np.float32)
+    ingest(server_ctx, dev, [sample_in(x[i], int(y[i])) for i in range(30)]
+           + [sample_in(floats[i], 1) for i in range(30)])
+    with transaction(server_ctx.factory) as s:
+        d = load_labelled(s, SampleCache(server_ctx.blobs), server_ctx.settings.arch, 0.2)
+    xs = np.concatenate([d.x_train, d.x_val])
+    assert d.total == 60 and xs.dtype == np.float32 and 0.0 <= xs.min() and xs.max() <= 1.0
+    got = {xi.tobytes() for xi in xs}
+    for i in range(30):
+        assert to_model_input(x[i]).numpy().tobytes() in got
+        assert floats[i].tobytes() in got
 
 
 def test_counts_and_labelling_is_all_or_nothing(server_ctx, fmnist):

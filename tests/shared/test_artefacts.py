@@ -175,7 +175,7 @@ def test_unknown_encoding_and_registry():
 
     magic = b"TESTDIFF"
 
-    def decode_test(payload: bytes, base):
+    def decode_test(payload: bytes, base, max_parameters: int):
         if base is None:
             raise ArtefactError("needs a base")
         state = {k: v + 1 for k, v in base.items()}
@@ -188,3 +188,134 @@ def test_unknown_encoding_and_registry():
     assert out.base_hash == model_hash(base)
     # Full models are still recognised with another decoder registered.
     assert decode_artefact(data).encoding == FULL_MODEL_ENCODING
+
+
+# --- architecture bounds (issue 8, fault 2) and typed refusals of odd JSON (fault 4) ---------
+
+SMALL = ArchSpec("mlp", (1, 12, 12), 5, hidden=(24,))
+
+
+def _seed_artefact(arch: dict, seed: object = 7, digest: object = "0" * 64) -> bytes:
+    body = {"arch": arch, "model_hash": digest, "seed": seed}
+    return b"ELSEED1\n" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _mlp(hidden: list[int]) -> dict:
+    return {"kind": "mlp", "input_shape": [784], "num_classes": 10, "hidden": hidden,
+            "channels": [], "extra": {}}
+
+
+def test_seed_artefact_naming_a_huge_network_is_refused_before_building():
+    """A 209-byte artefact naming hidden [16384, 16384] used to allocate and fill 5 GB; one
+    naming [65536, 65536] raised torch's RuntimeError out of the decoder."""
+    import resource
+    import time
+
+    from shared.artefacts import DEFAULT_MAX_PARAMETERS, ArchLimitError
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for hidden in ([16384, 16384], [65536, 65536]):
+        data = _seed_artefact(_mlp(hidden))
+        assert len(data) < 256
+        t0 = time.perf_counter()
+        with pytest.raises(ArchLimitError, match=f"max_parameters={DEFAULT_MAX_PARAMETERS}"):
+            decode_artefact(data)
+        assert time.perf_counter() - t0 < 1.0
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    assert grown < 64 << 20  # the process peak did not move: nothing was allocated
+
+
+def test_max_parameters_is_the_callers_choice():
+    from shared.artefacts import ArchLimitError, encode_seed_model
+    from shared.models.spec import parameter_count
+
+    state = _state(3, SMALL)
+    n = parameter_count(SMALL)
+    seed = encode_seed_model(SMALL, 3, model_hash(state))
+    full, _ = encode_full_model(SMALL, state)
+    for data in (seed, full):
+        assert decode_artefact(data, max_parameters=n).model_hash == model_hash(state)
+        with pytest.raises(ArchLimitError, match=f"has {n} backbone parameters.*={n - 1}"):
+            decode_artefact(data, max_parameters=n - 1)
+
+
+def test_full_model_whose_arch_metadata_is_huge_is_refused_before_its_tensors_are_read():
+    from shared.artefacts import ArchLimitError
+
+    state = _state(0, SMALL)
+    huge = ArchSpec("mlp", (1, 12, 12), 5, hidden=(65536, 65536)).to_json()
+    with pytest.raises(ArchLimitError, match="max_parameters"):
+        decode_artefact(_with_metadata(state, arch=huge))
+    # counted with its model families: a DRESS section's buffers count too
+    dress = ArchSpec("cnn", (1, 12, 12), 5, hidden=(8,), channels=(4,),
+                     extra={"dress": {"sparsities": [0.0, 0.5]}})
+    from shared.artefacts import check_arch_bounds
+
+    with torch.device("meta"):
+        exact = sum(t.numel() for t in build_model(dress).state_dict().values())
+    assert check_arch_bounds(dress, exact) == exact
+    with pytest.raises(ArchLimitError, match="model families"):
+        check_arch_bounds(dress, exact - 1)
+
+
+@pytest.mark.parametrize("spec", [
+    ArchSpec("mlp", (784,), 10, hidden=(512, 512)),
+    ArchSpec("mlp", (3, 4, 5), 2, hidden=()),
+    ArchSpec("cnn", (1, 28, 28), 10, hidden=(256,), channels=(32, 64, 128)),
+    ArchSpec("cnn", (3, 9, 7), 4, hidden=(), channels=(5, 6)),
+])
+def test_parameter_count_is_exact_without_building(spec):
+    from shared.models.spec import parameter_count
+
+    with torch.device("meta"):
+        built = sum(t.numel() for t in build_model(spec).state_dict().values())
+    assert parameter_count(spec) == built
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("hidden", [8] * 65, "hidden layers"),
+    ("input_shape", [4096, 4097], "elements"),
+    ("extra", {"dress": {"sparsities": [i / 3000 for i in range(2999)]}}, "bytes exceeds"),
+])
+def test_spec_structure_is_bounded(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ArchSpec.from_dict({**_mlp([8]), field: value})
+
+
+@pytest.mark.parametrize("arch", [
+    # a DRESS sparsity too large for a float, and a gamma whose weights overflow
+    {**json.loads(SMALL.to_json()), "extra": {"dress": {"sparsities": [10**400]}}},
+    {**json.loads(SMALL.to_json()), "extra": {"dress": {"sparsities": [0.0, 0.5], "gamma": -1e308}}},
+    "[" * 100000 + "]" * 100000,  # nesting deeper than the JSON decoder recurses
+], ids=["huge-int-sparsity", "overflowing-gamma", "deep-nesting"])
+def test_arch_values_python_cannot_hold_are_artefact_errors(arch):
+    """These raised OverflowError / RecursionError out of the decoders (found by
+    tests/test_fuzz_install.py)."""
+    text = arch if isinstance(arch, str) else json.dumps(arch)
+    with pytest.raises(ArtefactError, match="architecture"):
+        decode_artefact(_with_metadata(_state(), arch=text))
+    if not isinstance(arch, str):
+        with pytest.raises(ArtefactError, match="architecture"):
+            decode_artefact(_seed_artefact(arch))
+
+
+def test_deeply_nested_safetensors_header_is_an_artefact_error():
+    body = encode_full_model(ARCH, _state())[0]
+    body = body[8 + int.from_bytes(body[:8], "little"):]
+    deep = '{"a": ' + "[" * 100000 + "]" * 100000 + "}"
+    with pytest.raises(ArtefactError, match="not JSON"):
+        decode_artefact(len(deep).to_bytes(8, "little") + deep.encode() + body)
+
+
+@pytest.mark.parametrize("seed", [1e400, 1.5, "7", True, -1, 2**63, None])
+def test_seed_that_is_not_an_integer_in_range_is_refused(seed):
+    """``int(inf)`` raised OverflowError; ``int(1.5)`` silently used seed 1."""
+    with pytest.raises(ArtefactError, match="seed"):
+        decode_artefact(_seed_artefact(json.loads(SMALL.to_json()), seed=seed))
+
+
+@pytest.mark.parametrize("body", [b"[]", b"null", b'{"arch": {}}', b"[" * 100000 + b"]" * 100000],
+                         ids=["list", "null", "missing-keys", "deep-nesting"])
+def test_seed_body_that_is_not_the_object_is_refused(body):
+    with pytest.raises(ArtefactError, match="seed artefact"):
+        decode_artefact(b"ELSEED1\n" + body)

@@ -39,6 +39,7 @@ from shared.codec.golomb import golomb_cost, golomb_encode
 from shared.codec.sections import encode_int8_golomb
 from shared.codec.wire import (
     C_NONE,
+    C_SHUFFLE_ZSTD,
     C_ZSTD,
     I_BITMAP,
     I_GOLOMB,
@@ -342,3 +343,28 @@ def test_target_hash_is_checked_after_applying(diff, base):
     bad = bytearray(diff[:-4])
     bad[38] ^= 1  # first byte of the target hash
     _refused(bytes(bad) + struct.pack("<I", zlib.crc32(bad)), base, TargetHashError)
+
+
+def test_shuffled_section_of_partial_values_is_refused(base):
+    """A shuffle+zstd section whose raw length is not whole values raised numpy's bare
+    ValueError from the unshuffle (issue 8, fault 4; found by tests/test_fuzz_install.py)."""
+    e, stored, _ = _good(base)
+    idx = stored[: e.index.stored_len]
+    for raw in (bytes(11), bytes(1)):  # 3 fp32 values take 12 bytes
+        frame = zstandard.ZstdCompressor().compress(raw)
+        odd = replace(e, values=Section(C_SHUFFLE_ZSTD, len(frame), len(raw)))
+        _refused(_assemble(base, [(odd, idx + frame)]), base, BadValuesError, "whole 4-byte")
+
+
+def test_overflowing_int8_scale_is_refused_by_the_target_hash_without_a_warning(base):
+    """scale * 127 overflows float32: inf is IEEE's answer and the target hash refuses it;
+    numpy's overflow RuntimeWarning (an exception under -W error) no longer escapes."""
+    import warnings
+
+    e, stored, _ = _good(base)
+    q = np.array([127, -127, 5], np.int8)
+    i8 = replace(e, value_coding=V_INT8, scale=np.float32(3e38), values=_plain(q.tobytes()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _refused(_assemble(base, [(i8, stored[: e.index.stored_len] + q.tobytes())]), base,
+                 TargetHashError)

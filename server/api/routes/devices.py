@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query
 
 from server.api.deps import CtxDep, SessionDep
 from server.api.errors import responses
+from server.api.pagination import DEFAULT_LIMIT, DeviceOffset, LimitParam
 from server.api.schemas import DevicePublic, DevicesPublic, DeviceStatusPublic, DeviceUpdate
 from server.db.models import Device
 from server.domain import devices as D
@@ -55,8 +56,8 @@ def list_devices(
     session: SessionDep,
     ctx: CtxDep,
     tag: Annotated[str | None, Query(max_length=64, description="Only devices with this tag.")] = None,
-    offset: Annotated[int, Query(ge=0, description="Devices to skip.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+    offset: DeviceOffset = 0,
+    limit: LimitParam = DEFAULT_LIMIT,
 ) -> DevicesPublic:
     """Registered devices (revoked ones included), oldest registration first."""
     devices, count = D.list_devices(session, tag=tag, offset=offset, limit=limit)

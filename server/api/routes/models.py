@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from server.api.deps import CtxDep, SessionDep
 from server.api.errors import responses
+from server.api.pagination import DEFAULT_LIMIT, LimitParam, VersionOffset
 from server.api.schemas import (
     ArtefactPublic,
     ArtefactsPublic,
@@ -39,7 +40,9 @@ def resolve_version(session: Session, ref: str) -> ModelVersion:
         if mv is None:
             raise NotFoundError("no model version has been published")
         return mv
-    if ref.isdigit() and len(ref) <= 9:  # a hash is 64 characters, so no ambiguity
+    # ASCII digits only: str.isdigit() also takes '⁸', which int() refuses (a 500). A hash is
+    # 64 characters, so a number of at most 9 digits is never one.
+    if ref.isascii() and ref.isdigit() and len(ref) <= 9:
         mv = session.scalars(select(ModelVersion).where(ModelVersion.number == int(ref))).first()
         if mv is None:
             raise NotFoundError(f"model version number {ref} not found")
@@ -67,8 +70,8 @@ def _artefact_public(a: Artefact) -> ArtefactPublic:
 @router.get("", response_model=ModelVersionsPublic)
 def list_models(
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0, description="Versions to skip.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+    offset: VersionOffset = 0,
+    limit: LimitParam = DEFAULT_LIMIT,
     lineage: Annotated[str | None, Query(max_length=96, description="Only this lineage's versions, e.g. 'tag:site-a'.")] = None,
 ) -> ModelVersionsPublic:
     """Published model versions, newest first (each cohort lineage is a head of its own)."""

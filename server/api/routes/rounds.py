@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Response
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from server.api.deps import CtxDep, SessionDep
 from server.api.errors import format_errors, responses
+from server.api.pagination import DEFAULT_LIMIT, LimitParam, RoundOffset
 from server.api.schemas import (
     MethodPublic,
     MethodsPublic,
@@ -51,7 +52,7 @@ def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx
         params = policy.parse_params(body.params)
     except ValidationError as exc:
         raise InvalidArgumentError(f"invalid params for method {body.method!r}: {format_errors(exc.errors())}") from None
-    rnd = R.create_round(session, method=body.method, cohort=body.cohort.as_dict(), params=params.model_dump(mode="json"),
+    rnd = R.create_round(session, method=body.method, cohort=body.cohort.model_dump(), params=params.model_dump(mode="json"),
                          data_scope=body.data_scope)
     session.commit()
     ctx.rounds_wakeup.notify()
@@ -72,8 +73,8 @@ def list_methods() -> MethodsPublic:
 @router.get("", response_model=RoundsPublic)
 def list_rounds(
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0, description="Rounds to skip.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+    offset: RoundOffset = 0,
+    limit: LimitParam = DEFAULT_LIMIT,
 ) -> RoundsPublic:
     """Rounds, newest first (without the per-device figures; GET one round for those)."""
     count = session.scalar(select(func.count()).select_from(Round)) or 0

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 
 from server.api.deps import CtxDep, SessionDep
 from server.api.errors import responses
+from server.api.pagination import DEFAULT_LIMIT, LimitParam, SampleOffset
 from server.api.schemas import (
     DeviceSampleCounts,
     LabelsUpdate,
@@ -49,8 +50,8 @@ def list_samples(
     session: SessionDep,
     device_id: Annotated[str | None, Query(max_length=32, description="Only this device's samples.")] = None,
     labelled: Annotated[bool | None, Query(description="true: only labelled; false: only unlabelled.")] = None,
-    offset: Annotated[int, Query(ge=0, description="Samples to skip.")] = 0,
-    limit: Annotated[int, Query(ge=1, le=1000, description="Page size (at most 1000).")] = 100,
+    offset: SampleOffset = 0,
+    limit: LimitParam = DEFAULT_LIMIT,
 ) -> SamplesPublic:
     """Sample records (ids, labels, shapes, metadata; not the payloads), oldest first."""
     where = []
