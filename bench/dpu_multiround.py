@@ -50,6 +50,7 @@ from bench.bench_data import add_dataset_argument, load_bench_dataset, require_s
 from shared.codec import encode_update, ideal_paper_bits, make_update, size_breakdown  # noqa: E402
 from shared.dpu import (  # noqa: E402
     DPUConfig,
+    ShadowChain,
     add_residual,
     dense_bytes,
     partial_update,
@@ -157,7 +158,10 @@ def run_one(
     st = {"round": 0, "deployed": w0, "residual": None, "n_at_last_init": None, "rounds": [],
           "breakdown": {}, "seconds": 0.0, "num_partial": 0, "shadow": None}  # fmt: skip
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        # weights_only: a checkpoint is never unpickled beyond tensors, containers and the
+        # one dataclass it holds, even if someone swapped the file.
+        with torch.serialization.safe_globals([ShadowChain]):
+            st = torch.load(ckpt, weights_only=True)
         print(f"  {run.name}: resuming after round {st['round']}", flush=True)
     for r in range(st["round"] + 1, setting["rounds"] + 1):
         if time.time() > deadline:
