@@ -8,6 +8,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edge_agent.download import fsync_dir
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -17,6 +19,8 @@ class Identity:
 
 
 def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    # download.atomic_write's steps with a file mode (the credential is 0600 from creation);
+    # tests/test_durable_writes.py checks the syscall order, directory fsync included.
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as fh:
@@ -24,6 +28,7 @@ def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # without it a power cut can forget the rename (a lost identity)
 
 
 def load_identity(data_dir: Path) -> Identity | None:

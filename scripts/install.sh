@@ -2,8 +2,8 @@
 # Install EdgeLoop into ./.venv (or $EDGELOOP_VENV) on a fresh machine.
 #   scripts/install.sh [extras]      default extras: server,data
 # Keeps an existing torch (a Jetson or Raspberry Pi ships its own build); otherwise installs
-# the CPU wheel torch==2.13.0. Installs the Fashion-MNIST Debian package when run as root
-# and it is missing.
+# the CPU wheel torch==2.13.0. Installs the Fashion-MNIST and strace Debian packages when run
+# as root and they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-server,data}"
@@ -34,5 +34,13 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ] && [ "$(id -u)" = 0 ] && comman
   (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
     || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) \
     || echo "install: could not install dataset-fashion-mnist; Fashion-MNIST runs will fail with a hint"
+fi
+# strace: tests/test_durable_writes.py records the syscalls of durable writes (fails under CI
+# without it).
+if ! command -v strace >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "install: installing Debian package strace"
+  (apt-get install -y -qq strace >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq strace >/dev/null 2>&1; }) \
+    || echo "install: could not install strace; tests/test_durable_writes.py will skip (fail in CI)"
 fi
 echo "install: done ($VENV)"

@@ -154,7 +154,9 @@ def _diff_path(session: Session, have: str, target: str, max_hops: int = 32) -> 
 
 
 def plan_update(session: Session, *, have_hash: str, target_hash: str) -> UpdatePlan:
-    """A chain of diffs from what the device has, or the full model, whichever is fewer bytes."""
+    """A chain of diffs from what the device has, or the full model, whichever is fewer bytes.
+    ``have_hash == target_hash`` plans the full model too: the gRPC servicer answers that case
+    "up to date" before asking (docs/protocol.md)."""
     mv = get_version(session, target_hash)
     full = session.get(Artefact, mv.full_artefact_sha256)
     assert full is not None

@@ -4,6 +4,7 @@ domain errors to status codes."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +40,34 @@ _STATUS = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
 }
-MAX_CHUNK_BYTES = 4 << 20
+MIN_CHUNK_BYTES = 1 << 10  # a smaller max_chunk_bytes is raised to this (docs/protocol.md)
+MAX_CHUNK_BYTES = 4 << 20  # and a larger one lowered to this (and below the message limit)
+_HASH = re.compile(r"[0-9a-f]{64}")  # model hashes and artefact SHA-256s: lowercase hex
+
+
+def check_hash(value: str, field: str) -> None:
+    """Empty or 64 lowercase hex; anything else is INVALID_ARGUMENT, never NOT_FOUND (which
+    tells a client to retry a request that can never succeed)."""
+    if value and not _HASH.fullmatch(value):
+        raise InvalidArgumentError(f"{field} must be empty or 64 lowercase hex characters")
+
+
+def check_update_request(request: pb.GetUpdateRequest) -> None:
+    for field in ("target_model_hash", "have_model_hash", "artefact_sha256"):
+        check_hash(getattr(request, field), field)
+    if request.offset < 0:
+        raise InvalidArgumentError(f"offset {request.offset} is negative")
+    if request.offset and not request.artefact_sha256:
+        raise InvalidArgumentError("offset without artefact_sha256: a resume must name the artefact it resumes")
+    if request.max_chunk_bytes < 0:
+        raise InvalidArgumentError(f"max_chunk_bytes {request.max_chunk_bytes} is negative (0: server default)")
+
+
+def chunk_size(requested: int, settings: ServerSettings) -> int:
+    """0: the server default; otherwise clamped to [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES] and
+    1 KiB under the message limit (room for the Chunk's framing)."""
+    chunk = requested or settings.chunk_bytes
+    return max(MIN_CHUNK_BYTES, min(chunk, MAX_CHUNK_BYTES, settings.grpc_max_message_bytes - 1024))
 
 
 def credential_from(context: grpc.ServicerContext) -> str:
@@ -141,28 +169,24 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
     def GetUpdate(self, request: pb.GetUpdateRequest, context: grpc.ServicerContext) -> Iterator[pb.GetUpdateResponse]:
         with domain_errors(context):
             with transaction(self.factory) as s:
-                device = self._device(s, context)
+                device = self._device(s, context)  # authenticate first, then judge the request
+                check_update_request(request)
                 target = request.target_model_hash or device.target_model_hash
                 if not target:
                     raise NotFoundError("no model version is assigned to this device yet")
                 get_version(s, target)
-                plan = plan_update(s, have_hash=request.have_model_hash, target_hash=target)
-                art = plan.artefact
-                if request.artefact_sha256 and request.artefact_sha256 != art.sha256:
-                    # Resuming an artefact that is no longer the best choice: restart cleanly.
-                    offset = 0
+                if request.have_model_hash == target:
+                    # Up to date: an UpdateInfo naming no artefact, then no chunks (never the
+                    # whole model again). Nothing is delivered, so nothing is recorded.
+                    up_to_date = pb.UpdateInfo(target_model_hash=target, final_model_hash=target)
                 else:
-                    offset = request.offset
-                if not 0 <= offset <= art.size:
-                    raise InvalidArgumentError(f"offset {offset} outside [0, {art.size}]")
-                info = pb.UpdateInfo(
-                    artefact_sha256=art.sha256, artefact_size=art.size, encoding=art.encoding,
-                    base_model_hash=art.base_model_hash or "", target_model_hash=art.target_model_hash,
-                    final_model_hash=plan.final_hash, offset=offset,
-                )
-                device_id = device.id
-            chunk = request.max_chunk_bytes or self.settings.chunk_bytes
-            chunk = max(1024, min(chunk, MAX_CHUNK_BYTES, self.settings.grpc_max_message_bytes - 1024))
+                    up_to_date = None
+                    info, offset = self._plan(s, request, target)
+                    device_id = device.id
+            if up_to_date is not None:
+                yield pb.GetUpdateResponse(info=up_to_date)
+                return
+            chunk = chunk_size(request.max_chunk_bytes, self.settings)
         yield pb.GetUpdateResponse(info=info)
         sent = 0
         try:
@@ -176,6 +200,24 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                 sent += len(data)
         finally:
             self._record_delivery(device_id, info, sent, complete=offset + sent >= info.artefact_size)
+
+    @staticmethod
+    def _plan(s: Session, request: pb.GetUpdateRequest, target: str) -> tuple[pb.UpdateInfo, int]:
+        plan = plan_update(s, have_hash=request.have_model_hash, target_hash=target)
+        art = plan.artefact
+        if request.artefact_sha256 and request.artefact_sha256 != art.sha256:
+            # Resuming an artefact that is no longer the best choice: restart cleanly.
+            offset = 0
+        else:
+            offset = request.offset
+        if offset > art.size:
+            raise InvalidArgumentError(f"offset {offset} outside [0, {art.size}]")
+        info = pb.UpdateInfo(
+            artefact_sha256=art.sha256, artefact_size=art.size, encoding=art.encoding,
+            base_model_hash=art.base_model_hash or "", target_model_hash=art.target_model_hash,
+            final_model_hash=plan.final_hash, offset=offset,
+        )
+        return info, offset
 
     def _record_delivery(self, device_id: str, info: pb.UpdateInfo, sent: int, complete: bool) -> None:
         try:
@@ -195,6 +237,7 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
     def WatchUpdates(self, request: pb.WatchUpdatesRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchUpdatesResponse]:
         with domain_errors(context), transaction(self.factory) as s:
             device_id = self._device(s, context).id
+            check_hash(request.model_hash, "model_hash")
         # A cancelled stream wakes its handler thread at once instead of at the next keepalive.
         context.add_callback(self.targets_changed.notify)
         limit = self.settings.watch_max_seconds

@@ -43,6 +43,7 @@ class BlobStore:
         final = self.path(digest)
         if final.is_file() and final.stat().st_size == len(data):
             return digest
+        new_shard = not final.parent.is_dir()
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
         try:
@@ -57,6 +58,8 @@ class BlobStore:
             raise
         if self.fsync:
             self._fsync_dir(final.parent)
+            if new_shard:  # the shard's own entry in root, or a power cut can drop the shard
+                self._fsync_dir(self.root)
         return digest
 
     def get(self, sha256: str) -> bytes:

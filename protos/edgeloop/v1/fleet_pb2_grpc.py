@@ -93,7 +93,8 @@ class EdgeFleetServicer:
     def GetUpdate(self, request, context):
         """Server streaming download of one artefact (a full model or a diff), starting at a byte
         offset so an interrupted download resumes. The first message is always UpdateInfo (with
-        the artefact's SHA-256 and size); chunks follow in order.
+        the artefact's SHA-256 and size); chunks follow in order. When have_model_hash is the
+        target the device is up to date: one UpdateInfo with an empty artefact_sha256 and no chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
