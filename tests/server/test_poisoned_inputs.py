@@ -19,7 +19,7 @@ from server.domain import rounds as R
 from server.domain.samples import SampleIn, ingest_samples
 from server.worker import RoundWorker
 from shared.samples import encode_sample, sample_id
-from tests.server.test_grpc_servicer import Fleet, md, pb_sample, stream
+from tests.server.grpc_fleet import Fleet, md, pb_sample, stream
 
 N_CLEAN = 300
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -13,26 +13,7 @@ from server.db.engine import transaction
 from server.db.models import Delivery, Sample
 from server.grpc_api.servicer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, chunk_size
 from shared.data import load_dataset
-from tests.server.test_grpc_servicer import Fleet, md, pb_sample, stream
-
-
-@pytest.fixture
-def fleet_factory(server_ctx):
-    started: list[Fleet] = []
-
-    def start(**overrides) -> Fleet:
-        f = Fleet(server_ctx, **overrides)
-        started.append(f)
-        return f
-
-    yield start
-    for f in started:
-        f.close()
-
-
-@pytest.fixture
-def fleet(fleet_factory) -> Fleet:
-    return fleet_factory()
+from tests.server.grpc_fleet import Fleet, md, pb_sample, stream
 
 
 @pytest.fixture(scope="module")
