@@ -51,3 +51,15 @@ def require_operator(
 
 
 OperatorDep = Depends(require_operator)
+
+# Operator token scopes (issue 9): ``read`` (GET endpoints), ``operate`` (rounds, labels),
+# ``admin`` (devices, enrollment, tokens, audit). A route declares the scope it needs with
+# ``dependencies=[require_scope("operate")]``. PLACEHOLDER by the lead: the scoped token
+# check is being written; until then this is the old single-token check.
+SCOPES = ("read", "operate", "admin")
+
+
+def require_scope(scope: str):
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; one of {SCOPES}")
+    return Depends(require_operator)
