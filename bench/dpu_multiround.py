@@ -150,7 +150,8 @@ def run_one(
     """All rounds of one run; None when ``deadline`` (time.time()) passed first."""
     torch.set_num_threads(threads)
     x_pool, y_pool, x_val, y_val, x_test, y_test, classes = load_data(json.dumps(setting), seed)
-    model = build_model(default_spec("mlp", tuple(x_pool.shape[1:]), classes)).to(device)
+    arch = default_spec("mlp", tuple(x_pool.shape[1:]), classes)
+    model = build_model(arch).to(device)
     w0 = seeded_state(model, config.init_seed)  # on every device before round 1
     full_bytes = sum(t.numel() * 4 for t in w0.values())
     xt, yt = torch.as_tensor(x_test).to(device), torch.as_tensor(y_test).to(device)
@@ -187,7 +188,7 @@ def run_one(
                 and run.value_format != "fp32"
             ):
                 target, leftover = add_residual(target, st["residual"], res.mask)  # error feedback
-            update = make_update(res.diff_base, target, run.value_format)
+            update = make_update(res.diff_base, target, run.value_format, arch=arch)
             blob = encode_update(update, update.base_hash)
             parts = size_breakdown(blob)
             for part in ("header", "table", "indices", "values", "dense", "checksum"):

@@ -7,15 +7,21 @@ process itself reads, so a changed port cannot silently break the probe; the def
 below must equal the settings defaults (tests/test_deploy.py checks that).
 
 - server: GET /healthz on the REST API; 200 means the API answers and the database does.
+  The API is https unless EDGELOOP_INSECURE is true: the probe verifies the certificate
+  against the server's local CA (<EDGELOOP_DATA_DIR>/tls/ca.crt) or the configured chain
+  (EDGELOOP_TLS_CERT_FILE), but not the host name (a loopback probe of the process's own
+  port, which may be certified for other names only). It sends no credential.
 - agent: GET /healthz on the local status endpoint; 200 means the daemon is running.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 # role -> (host variable, default host, port variable, default port, path)
 TARGETS = {
@@ -24,6 +30,21 @@ TARGETS = {
 }
 # A wildcard bind is probed on the loopback address of its family.
 WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+# Defaults of the server settings the TLS decision reads (tests/test_deploy.py checks them).
+SERVER_DATA_DIR_DEFAULT = ".edgeloop/server"
+TRUE = {"1", "true", "yes", "on"}
+
+
+def server_tls(env: dict[str, str]) -> bool:
+    return env.get("EDGELOOP_INSECURE", "false").strip().lower() not in TRUE
+
+
+def server_ca_file(env: dict[str, str]) -> Path:
+    """What the probe verifies the server's certificate with."""
+    configured = env.get("EDGELOOP_TLS_CERT_FILE", "").strip()
+    if configured:
+        return Path(configured)
+    return Path(env.get("EDGELOOP_DATA_DIR", SERVER_DATA_DIR_DEFAULT)) / "tls" / "ca.crt"
 
 
 def probe_url(role: str, env: dict[str, str]) -> str | None:
@@ -44,7 +65,8 @@ def probe_url(role: str, env: dict[str, str]) -> str | None:
         raise ValueError(f"{port_var}=0 picks a random port, which a health check cannot find")
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}{path}"
+    scheme = "https" if role == "server" and server_tls(env) else "http"
+    return f"{scheme}://{host}:{port}{path}"
 
 
 def main(argv: list[str]) -> int:
@@ -60,7 +82,11 @@ def main(argv: list[str]) -> int:
         sys.stdout.write("healthcheck: status endpoint disabled; nothing to check\n")
         return 0
     try:
-        with urllib.request.urlopen(url, timeout=4) as resp:  # noqa: S310 - fixed http URL
+        context = None
+        if url.startswith("https:"):  # a missing CA file is unhealthy (OSError), not a crash
+            context = ssl.create_default_context(cafile=str(server_ca_file(dict(os.environ))))
+            context.check_hostname = False  # the chain is still verified against the CA
+        with urllib.request.urlopen(url, timeout=4, context=context) as resp:  # noqa: S310 - fixed URL
             ok = resp.status == 200
     except (urllib.error.URLError, OSError) as exc:
         sys.stderr.write(f"healthcheck: {url}: {exc}\n")

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import platform
+import threading
 from collections.abc import Iterator
 
 import grpc
 
+from edge_agent.backoff import RetryAfter, retry_after_s
+from edge_agent.tls import PinnedCA
 from edge_agent.upload_queue import QueuedSample
 from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
@@ -31,9 +34,13 @@ _TRANSIENT = {
 
 
 class ClientError(Exception):
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    """``retry_after_s``: the server's RESOURCE_EXHAUSTED hint (0: none); Backoff.next_delay
+    never waits less."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, retry_after_s: float = 0.0) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 class TransientError(ClientError):
@@ -48,23 +55,46 @@ class CredentialRejected(PermanentError):
     """UNAUTHENTICATED: register again."""
 
 
+class TLSError(TransientError):
+    """The server's certificate does not verify against the pinned CA (or the CA could not be
+    fetched by its fingerprint). Retried with backoff, like an outage: the operator may be
+    fixing the server; the running model is kept meanwhile."""
+
+
+# How gRPC core words a failed handshake in UNAVAILABLE's details (versions differ in case).
+_TLS_MARKERS = ("handshake failed", "certificate_verify_failed", "tsi_protocol_failure", "wrong_version_number",
+                "verification check failed")
+
+
 def classify(exc: grpc.RpcError) -> ClientError:
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     msg = f"{code.name if code else 'ERROR'}: {detail}"
+    if code == grpc.StatusCode.UNAVAILABLE and any(m in (detail or "").lower() for m in _TLS_MARKERS):
+        return TLSError(f"TLS: {msg}", code)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return CredentialRejected(msg, code)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # rate limited: the hint rides in trailing metadata
+        meta = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+        return TransientError(msg, code, retry_after_s=retry_after_s(meta))
     if code in _TRANSIENT or code is None:
         return TransientError(msg, code)
     return PermanentError(msg, code)
 
 
 class FleetClient:
-    def __init__(self, address: str, *, timeout_s: float = 30.0, max_message_bytes: int = 8 << 20) -> None:
+    """``tls``: the pinned CA (the daemon builds it from the settings); ``None`` is a plaintext
+    channel, which only ``--insecure`` asks for (and tests against a plaintext server).
+    ``server_name``: the name to verify in the server certificate instead of the host dialled."""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0, max_message_bytes: int = 8 << 20,
+                 tls: PinnedCA | None = None, server_name: str = "") -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.credential = ""
-        self._channel = grpc.insecure_channel(address, options=[
+        self.retry_after = RetryAfter()  # the server's latest retry-after hint: no call before it
+        self.tls = tls
+        self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", 30_000),
@@ -72,14 +102,52 @@ class FleetClient:
             # Reconnect quickly after the server comes back (default max backoff is 120 s).
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 5_000),
-        ])
-        self._stub = pb_grpc.EdgeFleetStub(self._channel)
+        ]
+        if server_name:
+            self._options.append(("grpc.ssl_target_name_override", server_name))
+        self._channel: grpc.Channel | None = None
+        self._stub_obj: pb_grpc.EdgeFleetStub | None = None
+        self._channel_lock = threading.Lock()
+        if tls is None:
+            self._stub  # noqa: B018 - a plaintext channel needs nothing fetched: build it now
+
+    @property
+    def _stub(self) -> pb_grpc.EdgeFleetStub:
+        """Built on first use: pinning by fingerprint fetches the CA from the server, which may
+        be down at start (that surfaces as a TLSError the services back off from)."""
+        with self._channel_lock:
+            if self._stub_obj is None:
+                if self.tls is None:
+                    self._channel = grpc.insecure_channel(self.address, options=self._options)
+                else:
+                    try:
+                        roots = self.tls.root_certificates()
+                    except OSError as exc:
+                        raise TLSError(f"TLS: cannot pin the server's CA: {exc}") from exc
+                    self._channel = grpc.secure_channel(
+                        self.address, grpc.ssl_channel_credentials(root_certificates=roots), options=self._options)
+                self._stub_obj = pb_grpc.EdgeFleetStub(self._channel)
+            return self._stub_obj
 
     def close(self) -> None:
-        self._channel.close()
+        with self._channel_lock:
+            if self._channel is not None:
+                self._channel.close()
 
     def _md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.credential}")]
+
+    def _wait_turn(self) -> None:
+        """Honour the server's retry-after: no call leaves before the last hint has passed."""
+        left = self.retry_after.remaining()
+        if left > 0:
+            raise TransientError(f"RESOURCE_EXHAUSTED: holding off {left:.3g} s as the server asked",
+                                 grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=left)
+
+    def _failed(self, exc: grpc.RpcError) -> ClientError:
+        err = classify(exc)
+        self.retry_after.hold(err.retry_after_s)
+        return err
 
     def register(self, *, enrollment_token: str, hardware_id: str, name: str, tags: list[str],
                  agent_version: str) -> pb.RegisterResponse:
@@ -89,15 +157,17 @@ class FleetClient:
             agent_version=agent_version,
         )
         try:
+            self._wait_turn()
             return self._stub.Register(req, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise classify(exc) from exc
+            raise self._failed(exc) from exc
 
     def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         try:
+            self._wait_turn()
             return self._stub.Heartbeat(req, timeout=self.timeout_s, metadata=self._md())
         except grpc.RpcError as exc:
-            raise classify(exc) from exc
+            raise self._failed(exc) from exc
 
     def upload(self, samples: list[QueuedSample], per_message: int = 64) -> pb.UploadSamplesResponse:
         def messages() -> Iterator[pb.UploadSamplesRequest]:
@@ -108,21 +178,24 @@ class FleetClient:
                     for s in samples[i : i + per_message]
                 ])
         try:
+            self._wait_turn()
             return self._stub.UploadSamples(messages(), timeout=self.timeout_s * 4, metadata=self._md())
         except grpc.RpcError as exc:
-            raise classify(exc) from exc
+            raise self._failed(exc) from exc
 
     def get_update(self, req: pb.GetUpdateRequest, timeout_s: float | None = None) -> Iterator[pb.GetUpdateResponse]:
         """Yields the UpdateInfo message then chunks; raises ClientError on failure."""
         try:
+            self._wait_turn()
             yield from self._stub.GetUpdate(req, timeout=timeout_s or self.timeout_s * 20, metadata=self._md())
         except grpc.RpcError as exc:
-            raise classify(exc) from exc
+            raise self._failed(exc) from exc
 
     def watch(self, model_hash: str, max_seconds: int = 0) -> Iterator[pb.WatchUpdatesResponse]:
         try:
+            self._wait_turn()
             yield from self._stub.WatchUpdates(
                 pb.WatchUpdatesRequest(model_hash=model_hash, max_seconds=max_seconds),
                 timeout=(max_seconds or 3600) + 30, metadata=self._md())
         except grpc.RpcError as exc:
-            raise classify(exc) from exc
+            raise self._failed(exc) from exc

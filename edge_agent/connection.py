@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
-from edge_agent.client import FleetClient
+from edge_agent.client import FleetClient, PermanentError, TLSError
 from edge_agent.identity import Identity, hardware_id, load_identity, save_identity
 from edge_agent.settings import AgentSettings
+from protos.edgeloop.v1 import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
+
+
+def enrollment_token(settings: AgentSettings) -> str:
+    """The token to register with: ``enrollment_token_file`` (read now, so a provisioning step
+    may write it after the agent started) else ``enrollment_token``. An unreadable file raises
+    PermanentError: the reporter reports it and retries with backoff."""
+    if settings.enrollment_token_file is None:
+        return settings.enrollment_token
+    try:
+        return settings.enrollment_token_file.read_text().strip()
+    except OSError as exc:
+        raise PermanentError(f"cannot read enrollment_token_file: {exc}") from exc
 
 
 class Connection:
@@ -38,6 +52,8 @@ class Connection:
         self.target_changed = threading.Event()  # set whenever the server names a new target
         self._subnet_accuracy: dict[str, list[float]] = {}
         self._last_error = ""
+        # Called with each Register answer (the daemon pins its signing keys: edge_agent.trust).
+        self.on_registered: Callable[[pb.RegisterResponse], None] | None = None
 
     # --- identity -------------------------------------------------------------------------
     @property
@@ -54,9 +70,11 @@ class Connection:
             if self._identity is not None:
                 return self._identity
             s = self.settings
-            resp = self.client.register(enrollment_token=s.enrollment_token,
+            resp = self.client.register(enrollment_token=enrollment_token(s),
                                         hardware_id=hardware_id(s.data_dir, s.hardware_id),
                                         name=s.name, tags=s.tag_list, agent_version=AGENT_VERSION)
+            if self.on_registered is not None:  # before the identity: a crash re-registers
+                self.on_registered(resp)
             identity = Identity(resp.device_id, resp.device_credential, s.server)
             save_identity(s.data_dir, identity)
             self.client.credential = resp.device_credential
@@ -79,7 +97,14 @@ class Connection:
         self.connected = True
 
     def offline(self, exc: Exception) -> None:
-        if self.connected:
+        if isinstance(exc, TLSError):
+            # Not an outage to wait out quietly: a certificate or the pinned CA needs fixing.
+            # Logged once per distinct error (every service backs off and retries it), kept as
+            # last_error for the status endpoint; the running model stays.
+            if self._last_error != str(exc):
+                log.error("server certificate refused, retrying with backoff: %s", exc)
+            self.report_error(str(exc))
+        elif self.connected:
             log.warning("server unreachable: %s", exc)
         self.connected = False
 

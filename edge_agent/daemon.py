@@ -33,6 +33,8 @@ from edge_agent.services.watcher import WatcherService
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import InputSource
 from edge_agent.status_http import StatusServer
+from edge_agent.tls import PinnedCA
+from edge_agent.trust import TrustStore
 from edge_agent.update_machine import UpdateContext, UpdateMachine
 from edge_agent.update_state import State, UpdateRecord, UpdateStateFile
 from edge_agent.updater import Updater
@@ -46,6 +48,8 @@ RESTART_DELAY_S = 1.0  # before a crashed service loop runs again
 class Agent:
     def __init__(self, settings: AgentSettings, source: InputSource | None = None) -> None:
         s = self.settings = settings
+        # First: no CA pinned and not insecure refuses to start (TLSSetupError) before any work.
+        pinned = PinnedCA.from_settings(s)
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = ModelStore(s.data_dir / "models", max_parameters=s.max_model_parameters)
         self.runner = ModelRunner()
@@ -56,9 +60,16 @@ class Agent:
         self.predictions = PredictionLog(s.predictions_window)
         self.source = source if source is not None else make_source(
             s, self.runner.arch.input_shape if self.runner.arch else None)
-        self.conn = Connection(s, FleetClient(s.server, timeout_s=s.rpc_timeout_s))
+        self.conn = Connection(s, FleetClient(s.server, timeout_s=s.rpc_timeout_s, tls=pinned,
+                                              server_name=s.tls_server_name))
+        # Signing keys: pinned from trusted_keys_file, else from the Register answer at enrollment.
+        self.trust = TrustStore(s.data_dir, pinned_file=s.trusted_keys_file)
+        self.conn.on_registered = lambda resp: self.trust.pin_at_enrollment(resp.signing_public_keys)
+        if self.conn.registered and not self.trust.pinned:
+            log.error("no artefact-signing key is pinned (enrolled before signing existed): no update can be "
+                      "installed; set trusted_keys_file, or remove identity.json to enrol again")
         self.fetcher = Updater(self.conn.client, s.data_dir, max_artefact_bytes=s.max_artefact_bytes,
-                               chunk_bytes=s.chunk_bytes, budget=DataDirBudget(
+                               chunk_bytes=s.chunk_bytes, trust=self.trust, budget=DataDirBudget(
                                    s.data_dir, s.max_data_dir_bytes,
                                    reserved={"upload_queue.db*": s.queue_max_bytes}),
                                max_parameters=s.max_model_parameters)
@@ -67,7 +78,7 @@ class Agent:
         self.reporter = ReporterService(self.conn, lambda: snapshot.heartbeat_request(self), self._backoff())
         ctx = UpdateContext(self.fetcher, self.store, self.runner, self.local_data, ProbationConfig(
             s.probation_margin, s.probation_min_samples, s.probation_samples))
-        self.machine = UpdateMachine(ctx, UpdateStateFile(s.data_dir / "update_state.json"),
+        self.machine = UpdateMachine(ctx, UpdateStateFile(s.data_dir / "update_state.json", self.store.rekeyed),
                                      on_outcome=self._on_outcome)
         self.inference = InferenceService(
             self.source, self.runner, batch=s.inference_batch, predictions=self.predictions,

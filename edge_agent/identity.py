@@ -22,7 +22,9 @@ def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
     # download.atomic_write's steps with a file mode (the credential is 0600 from creation);
     # tests/test_durable_writes.py checks the syscall order, directory fsync included.
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A temp file left by a crash keeps the mode it was created with: never write into it.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
         fh.flush()

@@ -4,6 +4,8 @@ Layout under ``root``::
 
     models/<model_hash>.safetensors   full-model artefacts (shared.artefacts.encode_full_model)
     current.json                      {"model_hash", "previous_hash", "installed_at"}
+    model-hash-v2                     marker: every model file here is named by its v2 hash
+    rekeyed-v1.json                   {"<v1 hash>": "<v2 hash>"} of models re-keyed on upgrade
 
 The pointer is the commit point (RAUC's "mark active last"): :meth:`ModelStore.install`
 writes the model file first (temp file, fsync, ``os.replace``, fsync of the directory) and
@@ -12,6 +14,13 @@ the old model active plus, at worst, a stray temp file or an unused model file; 
 it leaves the new one active. Every load re-verifies the model hash (``decode_artefact``), so
 a model file corrupted later on the SD card is detected, and :meth:`current` falls back to
 the previous model instead of running garbage.
+
+Upgrade from the v1 model hash (tensors only; v2 covers the architecture, docs/protocol.md):
+a store without the ``model-hash-v2`` marker is re-keyed when opened. Each file that verifies
+under its v1 name is rewritten under its v2 hash (parent translated), the v1 -> v2 map is
+written, the pointer is translated (the commit point), the v1 files are removed and the marker
+written, each step durable (:func:`edge_agent.download.atomic_write`). A crash anywhere redoes
+the idempotent steps at the next open; the running model is never treated as corrupt.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -33,17 +43,20 @@ from shared.artefacts import (
     DEFAULT_MAX_PARAMETERS,
     FULL_MODEL_ENCODING,
     ArtefactError,
+    LegacyFullModel,
     decode_artefact,
+    decode_v1_full_model,
     encode_full_model,
 )
-from shared.models import ArchSpec, build_model
-from shared.tensors import model_hash
+from shared.models import ArchSpec, build_model, model_hash
 
 logger = logging.getLogger(__name__)
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_SUFFIX = ".safetensors"
 _TMP_MARK = ".tmp-"  # see edge_agent.download.atomic_write
+V2_MARKER = "model-hash-v2"
+REKEY_MAP = "rekeyed-v1.json"
 
 
 class ModelStoreError(ValueError):
@@ -110,6 +123,8 @@ class ModelStore:
         self.pointer_path = self.root / "current.json"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        # v1 hash -> v2 hash of the models re-keyed here, for the agent's other state files.
+        self.rekeyed: dict[str, str] = self._upgrade_identity()
 
     def model_path(self, model_hash_: str) -> Path:
         return self.models_dir / f"{_check_hash(model_hash_)}{_MODEL_SUFFIX}"
@@ -162,7 +177,7 @@ class ModelStore:
         hash the server announced is the only name the fleet knows the model by.
         """
         _check_hash(expected_hash)
-        actual = model_hash(state)
+        actual = model_hash(arch, state)
         if actual != expected_hash:
             raise ModelStoreError(
                 f"refusing to install: state hashes to {actual[:16]}, expected {expected_hash[:16]}"
@@ -290,6 +305,61 @@ class ModelStore:
             self._write_pointer(model_hash_, None)
             logger.warning("activated model %s", model_hash_[:16])
         return model
+
+    # -- v1 -> v2 model hash upgrade -------------------------------------------------------
+
+    def _read_rekey_map(self) -> dict[str, str]:
+        path = self.root / REKEY_MAP
+        try:
+            data = json.loads(path.read_bytes())
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            return {_check_hash(k): _check_hash(v) for k, v in data.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            logger.warning("%s is unreadable (%s); v1 hashes in other state files stay", path, exc)
+            return {}
+
+    def _upgrade_identity(self) -> dict[str, str]:
+        """Re-key models stored under the v1 hash (see the module doc); returns v1 -> v2."""
+        mapping = self._read_rekey_map()
+        marker = self.root / V2_MARKER
+        if marker.exists():
+            return mapping
+        legacy: list[tuple[Path, LegacyFullModel]] = []
+        for path in sorted(self._model_files(), key=lambda p: p.stat().st_mtime):
+            try:
+                old = decode_v1_full_model(path.read_bytes(), max_parameters=self.max_parameters)
+            except (OSError, ArtefactError):
+                continue  # already v2, or corrupt: load() judges it like any other file
+            if old.v1_hash == path.name.removesuffix(_MODEL_SUFFIX):
+                legacy.append((path, old))
+                mapping[old.v1_hash] = old.decoded.model_hash
+        for path, old in legacy:  # oldest first, keeping mtimes: recovery and gc order by them
+            d = old.decoded
+            assert d.arch is not None
+            parent = mapping.get(d.parent_hash) if d.parent_hash else None
+            data, digest = encode_full_model(d.arch, d.state, parent_hash=parent, extra=d.meta)
+            new_path = self.model_path(digest)
+            atomic_write(new_path, data)
+            st = path.stat()
+            os.utime(new_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if legacy:
+            atomic_write(self.root / REKEY_MAP, json.dumps(mapping, sort_keys=True).encode())
+            try:
+                pointer = self._read_pointer()
+            except ModelStoreError:
+                pointer = None  # current() recovers from the (re-keyed) files
+            if pointer is not None:
+                cur, prev = pointer["model_hash"], pointer.get("previous_hash")
+                self._write_pointer(mapping.get(cur, cur), mapping.get(prev, prev) if prev else None)
+            for path, _ in legacy:
+                path.unlink(missing_ok=True)
+            fsync_dir(self.models_dir)
+            logger.warning("re-keyed %d models from the v1 to the v2 model hash", len(legacy))
+        atomic_write(marker, b"2\n")
+        return mapping
 
     # -- housekeeping ----------------------------------------------------------------------
 

@@ -14,8 +14,14 @@ class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_AGENT_", extra="ignore")
 
     server: str = Field("127.0.0.1:50051", description="gRPC address of the server, host:port.")
+    # --- TLS: the CA the agent pins (docs/security.md#tls-on-both-ports) ---------------------
+    ca_file: Path | None = Field(None, description="PEM file of the server's CA to pin (the server's <data_dir>/tls/ca.crt). Wins over ca_fingerprint.")
+    ca_fingerprint: str = Field("", description="SHA-256 of the server CA's DER encoding, hex (colons and a 'sha256:' prefix allowed; `edgeloop server tls show` prints it). On first contact the agent takes the CA with this fingerprint from the server's TLS chain and keeps it in data_dir/tls/ca.crt.")
+    tls_server_name: str = Field("", description="Name to verify in the server certificate instead of the host of `server` (e.g. dialling an address the certificate does not list).")
+    insecure: bool = Field(False, description="Plaintext gRPC without TLS (a WARNING at every start). Without it the agent refuses to start unless ca_file or ca_fingerprint is set.")
     data_dir: Path = Field(Path(".edgeloop/agent"), description="Identity, models, upload queue, downloads.")
-    enrollment_token: str = Field("edgeloop-dev-enrollment", min_length=8, description="Fleet enrollment token (Register).")
+    enrollment_token: str = Field("", description="Enrollment token an operator created (`edgeloop server enrollment create`), presented once to Register; not needed after the device has an identity. No default: the server has no built-in token.")
+    enrollment_token_file: Path | None = Field(None, description="File holding the enrollment token (read at Register; wins over enrollment_token): a token kept out of the environment and process list, e.g. on a volume a provisioning step wrote.")
     hardware_id: str = Field("", description="Stable hardware id; empty: a random id kept in data_dir/hardware_id.")
     name: str = Field("", max_length=128, description="Human-readable device name.")
     tags: str = Field("", description="Comma-separated tags, e.g. 'site-a,jetson'.")
@@ -49,6 +55,7 @@ class AgentSettings(BaseSettings):
     max_artefact_bytes: int = Field(512 << 20, ge=1 << 10, description="Refuse larger downloads.")
     max_model_parameters: int = Field(64 << 20, ge=1, description="Refuse an artefact naming an architecture with more state-dict elements (parameters and buffers) than this, before building it (docs/protocol.md).")
     chunk_bytes: int = Field(256 << 10, ge=1 << 10, le=4 << 20)
+    trusted_keys_file: Path | None = Field(None, description="Artefact-signing public keys to pin, hex, one per line (`edgeloop server signing show` prints them). Empty: pin the keys the server sends at enrollment (docs/security.md#signed-artefacts).")
     max_data_dir_bytes: int = Field(2 << 30, ge=0, description="Bound on data_dir (0: none): a download is refused if it, or the model its install writes, does not fit beside the models kept, local data and the upload queue counted at queue_max_bytes (docs/protocol.md#downloads-and-disk).")
     log_level: str = Field("INFO")
     # --- DRESS budget governor (docs/governor.md) -------------------------------------------
@@ -85,8 +92,15 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"server must be host:port, got {v!r}")
         return v
 
-    @field_validator("budget_latency_ms", "budget_memory_mb", "budget_energy_mj", "budget_file",
-                     mode="before")
+    @field_validator("ca_fingerprint")
+    @classmethod
+    def _fingerprint(cls, v: str) -> str:
+        from edge_agent.tls import normalise_fingerprint
+
+        return normalise_fingerprint(v) if v.strip() else ""
+
+    @field_validator("budget_latency_ms", "budget_memory_mb", "budget_energy_mj", "budget_file", "ca_file",
+                     "enrollment_token_file", "trusted_keys_file", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v  # EDGELOOP_AGENT_BUDGET_X=""

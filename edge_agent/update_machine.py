@@ -45,6 +45,7 @@ from edge_agent.update_state import (
     short,
 )
 from edge_agent.updater import MAX_CHAIN, Downloaded, UpdateFailed, Updater, Working
+from shared.tensors import tensors_hash
 
 log = logging.getLogger(__name__)
 E, S = Event, State
@@ -277,6 +278,16 @@ def _verifying(m: UpdateMachine, wanted: str | None) -> Step:
         return Step(E.FAILED, str(exc))
     m._working = reached
     if reached.model_hash == m.record.target_hash:
+        if m.record.rollbacks and reached.state is not None:
+            # A version rolled back before the v2 model hash whose file gc has since deleted
+            # kept its v1 name in the record (ModelStore could not re-key it); the migrated
+            # server names it by v2. Recognise it by its v1 hash, and record the v2 name.
+            v1 = tensors_hash(reached.state)
+            if v1 != reached.model_hash and m.record.rejected(v1) is not None:
+                m.record = m.record.rekeyed({v1: reached.model_hash})  # persisted by _fire
+                m._working = None
+                return Step(E.FAILED, f"model {reached.model_hash[:12]} was rolled back here (as "
+                                      f"{v1[:12]}, its v1 hash); it is not retried")
         return Step(E.VERIFIED, f"model {reached.model_hash[:12]} verified")
     m._chain.append(have.model_hash)
     if reached.model_hash in m._chain or len(m._chain) >= MAX_CHAIN:

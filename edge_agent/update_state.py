@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -191,6 +192,15 @@ class UpdateRecord:
         kept = tuple(r for r in self.rollbacks if r.model_hash != report.model_hash)
         return replace(self, rollbacks=(kept + (report,))[-MAX_ROLLBACKS:])
 
+    def rekeyed(self, mapping: Mapping[str, str]) -> UpdateRecord:
+        """The record with v1 model hashes replaced by their v2 hashes (ModelStore.rekeyed);
+        hashes not in ``mapping`` stay (a rejected model whose file is gone cannot be re-keyed)."""
+        def tr(h: str) -> str:
+            return mapping.get(h, h)
+
+        return replace(self, target_hash=tr(self.target_hash), previous_hash=tr(self.previous_hash),
+                       rollbacks=tuple(replace(r, model_hash=tr(r.model_hash)) for r in self.rollbacks))
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["state"] = self.state.value
@@ -228,8 +238,9 @@ class UpdateStateFile:
     unsafe follows from forgetting an update in flight.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rekey: Mapping[str, str] | None = None) -> None:
         self.path = Path(path)
+        self.rekey = dict(rekey or {})  # v1 -> v2 model hashes (ModelStore.rekeyed)
 
     def load(self) -> UpdateRecord:
         try:
@@ -237,7 +248,11 @@ class UpdateStateFile:
         except FileNotFoundError:
             return UpdateRecord()
         try:
-            return _parse(json.loads(raw))
+            record = _parse(json.loads(raw))
+            if self.rekey and (upgraded := record.rekeyed(self.rekey)) != record:
+                self.save(upgraded)  # durable, so the translation happens once
+                record = upgraded
+            return record
         except (UnicodeDecodeError, ValueError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             log.warning("update state %s is unreadable (%s); moved aside to %s", self.path, exc, aside)

@@ -1,8 +1,9 @@
 """Download and verify one artefact of an update: the update machine's two network-side phases.
 
 Plan, check, then switch last: bytes stream into a resumable part file (hashed while written);
-:meth:`Updater.verify` checks the artefact's size and SHA-256, decodes it, and checks the model
-hash of what it produced (and a diff's base hash). Nothing here touches the model store or
+:meth:`Updater.verify` checks the artefact's size and SHA-256, its Ed25519 signature by a pinned
+key (:mod:`edge_agent.trust`; also checked on the UpdateInfo before a byte is fetched), decodes
+it, and checks the model hash of what it produced (and a diff's base hash). Nothing here touches the model store or
 the runner: a chain of diffs is walked in memory (:class:`Working`), and only the update
 machine's ``installing`` state switches the model.
 
@@ -28,9 +29,11 @@ import shared.codec  # noqa: F401 - registers the diff/sparse-v1 decoder
 from edge_agent.client import FleetClient, PermanentError, TransientError
 from edge_agent.disk_budget import DataDirBudget, DiskBudgetError
 from edge_agent.download import DownloadIntegrityError, PartialDownload, fsync_dir
+from edge_agent.trust import TrustStore
 from protos.edgeloop.v1 import fleet_pb2 as pb
 from shared.artefacts import DEFAULT_MAX_PARAMETERS, ArtefactError, decode_artefact
 from shared.models import ArchSpec
+from shared.signing import SignatureError
 
 log = logging.getLogger(__name__)
 MAX_CHAIN = 64  # diffs applied in one update before we give up (a cycle would be a server bug)
@@ -68,9 +71,10 @@ class UpdateStats:
 
 class Updater:
     def __init__(self, client: FleetClient, data_dir: Path, *, max_artefact_bytes: int,
-                 chunk_bytes: int, budget: DataDirBudget | None = None,
+                 chunk_bytes: int, trust: TrustStore, budget: DataDirBudget | None = None,
                  max_parameters: int = DEFAULT_MAX_PARAMETERS) -> None:
         self.client = client
+        self.trust = trust  # pinned signing keys: nothing installs without a signature by one
         self.download_dir = Path(data_dir) / "downloads"
         self.download_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = Path(data_dir) / "download.json"  # the part file being resumed
@@ -145,6 +149,15 @@ class Updater:
         except DiskBudgetError as exc:
             raise UpdateFailed(f"artefact {info.artefact_sha256[:12]} refused: {exc}") from exc
 
+    def _check_signed(self, info: pb.UpdateInfo) -> str:
+        """Learn rotated keys from the server's key statements, then check the artefact's
+        statement is signed by a trusted key; returns that key's id, raises UpdateFailed."""
+        self.trust.apply(info.key_announcements)
+        try:
+            return self.trust.check(info)
+        except SignatureError as exc:
+            raise UpdateFailed(f"artefact {info.artefact_sha256[:12]} refused: signature: {exc}") from exc
+
     # --- downloading ----------------------------------------------------------------------
     def download(self, have: Working, target: str) -> Downloaded:
         """Fetch the next artefact from ``have`` towards ``target``, resuming a part file.
@@ -165,6 +178,7 @@ class Updater:
                 if msg.HasField("info"):
                     info = msg.info
                     self._check_fits(info, have)
+                    self._check_signed(info)  # before a byte is fetched; verify() checks again
                     if part is not None and part.artefact_sha256 != info.artefact_sha256:
                         part.discard()  # the server prefers another artefact now
                         part = None
@@ -203,7 +217,8 @@ class Updater:
 
     # --- verifying ------------------------------------------------------------------------
     def verify(self, got: Downloaded, have: Working) -> Working:
-        """Check size and SHA-256, decode, and check every hash; returns the model reached.
+        """Check size and SHA-256, the signature of the statement they match, decode, and check
+        every hash and the encoding; returns the model reached.
 
         The artefact file is deleted either way (a refused one would be refused again)."""
         info = got.info
@@ -214,12 +229,22 @@ class Updater:
             self.stats.failures += 1
             raise UpdateFailed(f"artefact {info.artefact_sha256[:12]} failed its integrity check: {exc}") from exc
         try:
+            vouched = self._check_signed(info)  # the bytes match info (finalize); info is signed
+        except UpdateFailed:
+            path.unlink(missing_ok=True)
+            self.state_file.unlink(missing_ok=True)
+            self.stats.failures += 1
+            raise
+        try:
             data = path.read_bytes()
             is_diff = bool(info.base_model_hash)
             if is_diff and info.base_model_hash != have.model_hash:
                 raise ArtefactError(f"diff applies to {info.base_model_hash[:12]}, we hold {have.model_hash[:12]}")
             decoded = decode_artefact(data, have.state if is_diff else None,
+                                      base_arch=have.arch if is_diff else None,
                                       max_parameters=self.max_parameters)
+            if decoded.encoding != info.encoding:  # the signed statement names the encoding too
+                raise ArtefactError(f"artefact decodes as {decoded.encoding}, the signed statement says {info.encoding}")
             if decoded.model_hash != info.target_model_hash:
                 raise ArtefactError(f"artefact produced {decoded.model_hash[:12]}, server promised "
                                     f"{info.target_model_hash[:12]}")
@@ -232,6 +257,6 @@ class Updater:
         finally:
             path.unlink(missing_ok=True)
             self.state_file.unlink(missing_ok=True)
-        log.info("verified %s -> model %s (%s)", info.artefact_sha256[:12], info.target_model_hash[:12],
-                 info.encoding)
+        log.info("verified %s -> model %s (%s, signed by %s)", info.artefact_sha256[:12],
+                 info.target_model_hash[:12], info.encoding, vouched[:16])
         return Working(decoded.model_hash, arch, dict(decoded.state))

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,9 @@ class FleetConfig:
     # the dense 784-512-512-10 MLP costs ~0.13 mJ, its 95%-sparse subnet ~0.007 mJ).
     dress_sparsities: str = "0.5,0.8,0.9,0.95"
     budgets: list[dict[str, float]] = field(default_factory=lambda: [{}, {"energy_mj": 0.03}, {"energy_mj": 0.01}])
+    # TLS on both ports as users run it: the server creates its local CA in the work dir and
+    # the agents (and the REST client here) pin it. True: plaintext, with the warnings.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1 or self.samples_per_agent < 1:
@@ -85,6 +89,32 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "edgeloop"]
 
 
+def create_enrollment_token(database_url: str, *, name: str, max_uses: int, tags: list[str] | None = None,
+                            expires_in_s: float = 86400.0) -> str:
+    """An enrollment token on the (migrated) database at ``database_url``, for the fleet runner
+    and the end-to-end tests; returns the secret agents present."""
+    from datetime import timedelta
+
+    from server.db.engine import make_engine, make_session_factory, transaction
+    from server.domain import enrollment
+
+    engine = make_engine(database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            return enrollment.create_token(session, name=name, tags=tags, max_uses=max_uses,
+                                           expires_in=timedelta(seconds=expires_in_s)).secret
+    finally:
+        engine.dispose()
+
+
+def operator_token(server_data_dir: Path) -> str:
+    """An admin token for the fleet's REST calls: EDGELOOP_OPERATOR_TOKEN if the environment
+    provisions one, else the token the server wrote to its data dir at first start."""
+    from server.domain.operators import read_bootstrap_token
+
+    return os.environ.get("EDGELOOP_OPERATOR_TOKEN") or read_bootstrap_token(server_data_dir)
+
+
 def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
     """SIGTERM every process still running, then SIGKILL each one that has not exited
     ``timeout_s`` seconds later (all are asked first, so they shut down in parallel)."""
@@ -109,6 +139,8 @@ class LocalFleet:
         self.agents: list[subprocess.Popen] = []
         self.api: httpx.Client | None = None
         self.grpc_port = 0
+        self.enrollment_token = ""
+        self.ca_file: str | None = None
 
     # --- processes ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,7 +157,7 @@ class LocalFleet:
         env["EDGELOOP_NUM_CLASSES"] = str(ds.num_classes)
         self.server = subprocess.Popen(
             [*_python(), "server", "run", "--data-dir", str(self.work / "server"), "--rest-port", "0",
-             "--grpc-port", "0", "--ready-file", str(ready)],
+             "--grpc-port", "0", "--ready-file", str(ready), *(["--insecure"] if self.cfg.insecure else [])],
             env=env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not ready.exists():
@@ -136,9 +168,23 @@ class LocalFleet:
             time.sleep(0.1)
         ports = json.loads(ready.read_text())
         self.grpc_port = ports["grpc_port"]
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30)
+        # No built-in enrollment token: issue one for exactly these agents, as an operator would.
+        db_url = self.cfg.database_url or f"sqlite:///{(self.work / 'server' / 'edgeloop.db').resolve()}"
+        self.enrollment_token = create_enrollment_token(db_url, name="local fleet", max_uses=self.cfg.agents,
+                                                        tags=["sim"])
+        self.ca_file = ca_file = ports.get("ca_file")  # None: plaintext (insecure)
+        auth = {"Authorization": f"Bearer {operator_token(self.work / 'server')}"}
+        if ports.get("tls"):
+            self.api = httpx.Client(base_url=f"https://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30,
+                                    verify=ssl.create_default_context(cafile=ca_file), headers=auth)
+            pin = ["--ca-file", ca_file]
+        else:
+            self.api = httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30,
+                                    headers=auth)
+            pin = ["--insecure"]
         for i in range(self.cfg.agents):
-            agent_env = {**os.environ, "EDGELOOP_AGENT_SHARD_ALPHA": str(self.cfg.shard_alpha)}
+            agent_env = {**os.environ, "EDGELOOP_AGENT_SHARD_ALPHA": str(self.cfg.shard_alpha),
+                         "EDGELOOP_AGENT_ENROLLMENT_TOKEN": self.enrollment_token}  # env, not argv (ps)
             budget = self.cfg.budgets[i % len(self.cfg.budgets)] if self.cfg.budgets else {}
             for key, value in budget.items():
                 agent_env[f"EDGELOOP_AGENT_BUDGET_{key.upper()}"] = str(value)
@@ -147,7 +193,7 @@ class LocalFleet:
                  "--data-dir", str(self.work / f"agent-{i}"), "--name", f"sim-{i}", "--tags", "sim",
                  "--dataset", self.cfg.dataset, "--shard-index", str(i), "--num-shards", str(self.cfg.agents),
                  "--max-samples", str(self.cfg.samples_per_agent), "--rate-per-s", str(self.cfg.rate_per_s),
-                 "--status-port", "-1"],
+                 "--status-port", "-1", *pin],
                 env=agent_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True))
 
     def stop(self) -> None:

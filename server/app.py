@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -19,11 +20,15 @@ import uvicorn
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server.api.main import create_app
 from server.context import ServerContext
+from server.db.engine import transaction
+from server.domain import enrollment
 from server.grpc_api.servicer import FleetServicer
-from server.settings import DEV_ENROLLMENT_TOKEN, ServerSettings
+from server.settings import ServerSettings
+from server.tls import ServerTLS, server_tls
 from server.worker import RoundWorker
 
 log = logging.getLogger(__name__)
+TLS_RECHECK_S = 3600.0  # how often a running server looks whether its certificate needs re-issuing
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -61,11 +66,62 @@ class EdgeLoopServer:
         self._uvicorn: uvicorn.Server | None = None
         self._rest_thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self.tls: ServerTLS | None = None
+        self._tls_lock = threading.Lock()
+        self._tls_checked = time.monotonic()
+
+    def _load_tls(self) -> ServerTLS | None:
+        s = self.settings
+        if s.insecure:
+            # Every start says so: plaintext must never become the quiet default of a deployment.
+            log.warning("INSECURE: TLS is off (--insecure / EDGELOOP_INSECURE): gRPC and REST serve plaintext; "
+                        "credentials, tokens and models cross the network readable and forgeable")
+            return None
+        tls = server_tls(s)
+        if tls.ca_file is not None:
+            log.info("TLS: CA %s, sha256 fingerprint %s (agents pin one of them; `edgeloop server tls show`)",
+                     tls.ca_file, tls.ca_fingerprint)
+        else:
+            log.info("TLS: certificate %s for %s", tls.cert_file, ", ".join(tls.hostnames))
+        return tls
+
+    def _grpc_credentials(self, tls: ServerTLS) -> grpc.ServerCredentials:
+        if tls.ca_file is None:  # the operator's files: served as given, renewed by the operator
+            return grpc.ssl_server_credentials([(tls.key_pem, tls.chain_pem)])
+        initial = grpc.ssl_server_certificate_configuration([(tls.key_pem, tls.chain_pem)])
+        return grpc.dynamic_ssl_server_credentials(initial, self._renewed_certificate)
+
+    def _renewed_certificate(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC asks before each handshake (None: keep the current one). At most every
+        TLS_RECHECK_S, re-run the start-up check, so a long-running server re-issues its
+        certificate before expiry; REST takes the new one for its next connections too."""
+        with self._tls_lock:
+            now = time.monotonic()
+            if now - self._tls_checked < TLS_RECHECK_S:
+                return None
+            self._tls_checked = now
+            try:
+                fresh = server_tls(self.settings)
+            except Exception:  # noqa: BLE001 - keep serving the current certificate; say why
+                log.exception("TLS: checking the server certificate failed; keeping the current one")
+                return None
+            if self.tls is not None and fresh.chain_pem == self.tls.chain_pem:
+                return None
+            self.tls = fresh
+            rest_ssl = self._uvicorn.config.ssl if self._uvicorn is not None else None
+            if rest_ssl is not None:  # new REST connections get the new certificate
+                rest_ssl.load_cert_chain(str(fresh.cert_file), str(fresh.key_file))
+            log.info("TLS: serving the re-issued server certificate (valid until %s)", f"{fresh.not_after:%Y-%m-%d}")
+            return grpc.ssl_server_certificate_configuration([(fresh.key_pem, fresh.chain_pem)])
 
     def start(self) -> None:
         s = self.settings
-        if s.enrollment_token == DEV_ENROLLMENT_TOKEN and s.grpc_host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("the gRPC API listens on %s with the default enrollment token: set EDGELOOP_ENROLLMENT_TOKEN", s.grpc_host)
+        with transaction(self.ctx.factory) as session:
+            if not enrollment.any_active(session, None):  # no built-in token: say how to make one
+                log.warning("no active enrollment token: agents cannot register; %s", enrollment.CREATE_HINT)
+        if os.environ.get("EDGELOOP_ENROLLMENT_TOKEN"):  # the old shared secret: ignored, say so
+            log.warning("EDGELOOP_ENROLLMENT_TOKEN is no longer used (there is no shared enrollment token); %s",
+                        enrollment.CREATE_HINT)
         opts = [
             ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
             ("grpc.max_send_message_length", s.grpc_max_message_bytes),
@@ -76,25 +132,38 @@ class EdgeLoopServer:
                                  options=opts, maximum_concurrent_rpcs=s.grpc_max_workers)
         pb_grpc.add_EdgeFleetServicer_to_server(
             FleetServicer(s, self.ctx.factory, self.ctx.blobs, self.ctx.targets_changed), self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        self.tls = tls = self._load_tls()
+        address = f"{s.grpc_host}:{s.grpc_port}"
+        if tls is None:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        else:
+            self.grpc_port = self._grpc.add_secure_port(address, self._grpc_credentials(tls))
         if self.grpc_port == 0:
             raise RuntimeError(f"cannot bind gRPC to {s.grpc_host}:{s.grpc_port}")
         self._grpc.start()
         sock = _bind(s.rest_host, s.rest_port)
         self.rest_port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(self.ctx), log_level=s.log_level.lower(), access_log=False, lifespan="on")
+        # uvicorn wraps the socket handed to it with this TLS context too (loop.create_server(ssl=)).
+        ssl_files = {} if tls is None else {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+        config = uvicorn.Config(create_app(self.ctx), log_level=s.log_level.lower(), access_log=False, lifespan="on",
+                                **ssl_files)
         self._uvicorn = uvicorn.Server(config)
         self._rest_thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, name="rest", daemon=True)
         self._rest_thread.start()
         if self.worker is not None:
             self.worker.start()
-        log.info("EdgeLoop server: REST http://%s:%d/api/v1 (docs /docs), gRPC %s:%d",
-                 s.rest_host, self.rest_port, s.grpc_host, self.grpc_port)
+        log.info("EdgeLoop server: REST %s://%s:%d/api/v1 (docs /docs), gRPC %s:%d (%s)",
+                 "http" if tls is None else "https", s.rest_host, self.rest_port, s.grpc_host, self.grpc_port,
+                 "plaintext" if tls is None else "TLS")
 
     def write_ready_file(self, path: Path) -> None:
         """Tell a supervising process (fleet runner, tests) the ports actually bound."""
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "rest_port": self.rest_port, "grpc_port": self.grpc_port}))
+        tls = self.tls
+        tmp.write_text(json.dumps({"pid": os.getpid(), "rest_port": self.rest_port, "grpc_port": self.grpc_port,
+                                   "tls": tls is not None,
+                                   "ca_file": str(tls.ca_file) if tls is not None and tls.ca_file else None,
+                                   "ca_fingerprint": tls.ca_fingerprint if tls is not None else None}))
         os.replace(tmp, path)
 
     def stop(self, grace: float = 5.0) -> None:

@@ -14,6 +14,7 @@ from server.domain.rounds import fail_interrupted
 from server.domain.versions import ensure_initial_version
 from server.notifier import Notifier
 from server.settings import ServerSettings
+from server.signing import open_signing
 from server.store.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ class ServerContext:
         """Connect, migrate, recover from a crash, and make sure version 0 exists."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = make_engine(settings.resolved_database_url)
+        blobs = BlobStore(settings.data_dir / "blobs", fsync=settings.fsync)
         if run_migrations:
-            migrate.upgrade(engine)
-        ctx = cls(settings, engine, make_session_factory(engine), BlobStore(settings.data_dir / "blobs", fsync=settings.fsync))
+            migrate.upgrade(engine, blobs=blobs)  # data migrations may rewrite artefacts
+        ctx = cls(settings, engine, make_session_factory(engine), blobs)
+        open_signing(settings, ctx.factory)  # before anything publishes: every artefact is signed as added
         with transaction(ctx.factory) as s:
             # Only rounds whose worker is gone: other worker processes may be mid-round.
             n = fail_interrupted(s, stale_after_s=settings.worker_stale_s)

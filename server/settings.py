@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.domain.samples import SAMPLE_VALUE_ABS_MAX
 from shared.models import KINDS, ArchSpec, default_spec
-
-DEV_ENROLLMENT_TOKEN = "edgeloop-dev-enrollment"
 
 
 class ServerSettings(BaseSettings):
@@ -22,12 +21,19 @@ class ServerSettings(BaseSettings):
 
     data_dir: Path = Field(Path(".edgeloop/server"), description="Blobs (samples, artefacts) and the default SQLite file live here.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means sqlite:///<data_dir>/edgeloop.db. PostgreSQL: postgresql+psycopg://user@host:5432/db")
+    database_password_file: Path | None = Field(None, description="File holding the database password (e.g. a Docker secret), set into database_url when connecting: keeps the password out of the URL and the environment.")
     rest_host: str = Field("127.0.0.1", description="Bind address of the REST API (operators).")
     rest_port: int = Field(8000, ge=0, le=65535, description="REST port (0 picks a free one).")
     grpc_host: str = Field("127.0.0.1", description="Bind address of the gRPC API (agents).")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    enrollment_token: str = Field(DEV_ENROLLMENT_TOKEN, min_length=8, description="Shared secret agents present to Register.")
-    operator_token: str = Field("", description="If set, REST calls need 'Authorization: Bearer <token>' (except /healthz and /metrics).")
+    # --- TLS on both ports (docs/security.md#tls-on-both-ports) -----------------------------
+    insecure: bool = Field(False, description="Serve gRPC and REST in plaintext, without TLS (a WARNING at every start). Only behind a TLS-terminating proxy or on a trusted test network.")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain to serve (server certificate first; append your CA so agents can enroll by its fingerprint). Empty: a local CA under <data_dir>/tls issues one.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (both or neither).")
+    tls_hostnames: str = Field("", description="Comma-separated DNS names and IP addresses the generated server certificate is valid for; agents must dial one of them. Empty: localhost, 127.0.0.1, ::1 and this machine's host name and FQDN. Specific (non-wildcard) bind addresses are always added.")
+    tls_cert_days: int = Field(365, ge=2, le=825, description="Validity of a generated server certificate; it is re-issued (checked at start and hourly while running) when it expires within 30 days or the host names change (the CA, valid 10 years, stays).")
+    operator_token: str = Field("", description="Optional pre-provisioned admin API token for automation, stored hashed at start (token name env-admin; changing it replaces the old one). Empty: use tokens from `edgeloop server token create` and the first-start file <data_dir>/operator-token.")
+    metrics_public: bool = Field(False, description="Serve /metrics without a token (for a Prometheus scraper on a trusted network). False: /metrics needs a read token.")
     model_kind: str = Field("mlp", description=f"Fleet model architecture: one of {KINDS}.")
     model_arch_json: str = Field("", description="Full ArchSpec JSON; overrides model_kind/input_shape/num_classes.")
     input_shape: str = Field("1,28,28", description="Model input shape C,H,W (comma separated).")
@@ -41,6 +47,11 @@ class ServerSettings(BaseSettings):
     max_sample_bytes: int = Field(1 << 20, ge=64, description="Largest accepted sample payload.")
     sample_value_abs_max: float = Field(SAMPLE_VALUE_ABS_MAX, gt=0, allow_inf_nan=False, description="Float samples with any value of larger magnitude are refused at ingest (NaN and infinity always are). Float inputs reach the model unscaled, uint8 images as [0, 1].")
     grpc_max_message_bytes: int = Field(8 << 20, ge=1 << 16)
+    register_rate_per_s: float = Field(0.1, ge=0, allow_inf_nan=False, description="Failed Register calls each source address may make per second, refilled continuously (0: no limit). A refused call gets RESOURCE_EXHAUSTED with a retry-after-ms hint; successful registrations are not counted.")
+    register_burst: int = Field(10, ge=1, description="Failed Register calls a source may make at once before register_rate_per_s applies.")
+    device_rate_per_s: float = Field(5.0, ge=0, allow_inf_nan=False, description="gRPC calls (Heartbeat, UploadSamples, GetUpdate, WatchUpdates) each device may make per second, refilled continuously (0: no limit). Over it: RESOURCE_EXHAUSTED with a retry-after-ms hint the agent honours.")
+    device_burst: int = Field(50, ge=1, description="gRPC calls a device may make at once before device_rate_per_s applies.")
+    rate_limit_max_keys: int = Field(100_000, ge=1, description="Rate-limit buckets kept per limiter (devices, source addresses); the least recently used is dropped first.")
     chunk_bytes: int = Field(256 << 10, ge=1 << 10, le=4 << 20, description="Default GetUpdate chunk size.")
     watch_max_seconds: int = Field(300, ge=1, description="WatchUpdates streams end after this long.")
     watch_keepalive_s: float = Field(15.0, gt=0)
@@ -52,6 +63,10 @@ class ServerSettings(BaseSettings):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of labelled samples held out for validation (fixed per sample by its hash).")
     grpc_max_workers: int = Field(256, ge=4, description="gRPC handler threads; each open WatchUpdates stream holds one.")
     migrate_on_start: bool = Field(True, description="Apply Alembic migrations when the server starts (turn off when a separate `edgeloop server migrate` step runs first).")
+    # --- signed artefacts (docs/security.md#signed-artefacts) ---------------------------------
+    signing_mode: Literal["local", "external"] = Field("local", description="'local': the server signs every artefact it publishes with its Ed25519 key (signing_key_file). 'external': a separate key holder signs (`edgeloop sign`) and uploads signatures (PUT /api/v1/artefacts/{sha256}/signature); until then agents are not offered the artefact.")
+    signing_key_file: Path | None = Field(None, description="PEM Ed25519 private key (mode 0600) used in local signing mode. Empty: <data_dir>/signing/ed25519.key, created at first start.")
+    signing_public_key: str = Field("", description="External signing mode: the key holder's Ed25519 public key (64 hex characters, `edgeloop sign keygen` prints it), trusted when the server has no signing key yet.")
     log_level: str = Field("INFO")
 
     @field_validator("model_kind")
@@ -71,6 +86,17 @@ class ServerSettings(BaseSettings):
         if not 1 <= len(dims) <= 3 or min(dims) < 1:
             raise ValueError(f"input_shape must be 1 to 3 positive sizes, got {v!r}")
         return v
+
+    @field_validator("tls_cert_file", "tls_key_file", "database_password_file", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v  # EDGELOOP_TLS_CERT_FILE=""
+
+    @model_validator(mode="after")
+    def _tls_files_paired(self) -> ServerSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither (a local CA issues one)")
+        return self
 
     @model_validator(mode="after")
     def _stale_after_heartbeats(self) -> ServerSettings:
@@ -101,10 +127,19 @@ class ServerSettings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
+        if self.database_url and self.database_password_file is not None:
+            from sqlalchemy.engine import make_url
+
+            password = self.database_password_file.read_text().strip()
+            return make_url(self.database_url).set(password=password).render_as_string(hide_password=False)
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'edgeloop.db').resolve()}"
 
     def describe(self) -> str:
-        safe = self.model_dump(exclude={"enrollment_token", "operator_token"})
+        safe = self.model_dump(exclude={"operator_token"})
+        if self.database_url:  # a URL may carry the database password
+            from sqlalchemy.engine import make_url
+
+            safe["database_url"] = make_url(self.database_url).render_as_string(hide_password=True)
         return json.dumps(safe, default=str, sort_keys=True)

@@ -34,14 +34,19 @@ from server.domain import rounds as R
 from server.domain.devices import resolve_cohort
 from server.domain.lineage import base_version
 from server.domain.samples import SampleCache, load_labelled
-from server.domain.versions import add_artefact, load_state, lock_publishing, publish_version
+from server.domain.versions import (
+    add_artefact,
+    add_seed_artefact,
+    load_state,
+    lock_publishing,
+    publish_version,
+)
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
 from server.training import state_store
 from server.training.policy import PolicyState, RoundInputs, RoundOutcome, UpdatePolicy
 from server.training.registry import get_policy
-from shared.artefacts import SEED_MODEL_ENCODING, encode_seed_model
 from shared.models import ArchSpec
 
 log = logging.getLogger(__name__)
@@ -293,8 +298,7 @@ class RoundWorker:
                 seeded = publish_version(s, self.blobs, arch=arch, state=outcome.diff_base_state,
                                          parent_hash=base_hash, method="reinit", metrics={},
                                          round_id=round_id, reinit_seed=outcome.reinit_seed, lineage=rnd.lineage)
-                add_artefact(s, self.blobs, encode_seed_model(arch, outcome.reinit_seed, seeded.model_hash),
-                             encoding=SEED_MODEL_ENCODING, target_hash=seeded.model_hash)
+                add_seed_artefact(s, self.blobs, arch, outcome.reinit_seed, seeded.model_hash)
                 parent = seeded.model_hash
                 metrics["reinit_version"] = seeded.number
             mv = publish_version(

@@ -1,15 +1,20 @@
-"""Tensor helpers both sides agree on: input scaling and the canonical model hash."""
+"""Tensor helpers both sides agree on: input scaling and the canonical tensor hash."""
 
 from __future__ import annotations
 
 import hashlib
 import struct
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
 
 StateDict = Mapping[str, torch.Tensor]
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
 
 # Names used in hashes and artefacts; a dtype outside this table is refused.
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -45,15 +50,13 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return arr.tobytes()
 
 
-def model_hash(state: StateDict) -> str:
-    """Canonical SHA-256 (hex) of a model's tensors, independent of file format.
+def update_tensors_hash(h: _Hasher, state: StateDict) -> None:
+    """Feed ``state``'s canonical tensor records into ``h``.
 
-    For each tensor in lexicographic (UTF-8 byte) order of its name, the hash reads:
-    u32 name length, name bytes, u8 dtype-name length, dtype name (``DTYPE_NAMES``), u32 ndim,
-    u64 per dimension, then the raw little-endian element bytes (all integers little-endian).
-    Two states hash equal iff they have the same names, dtypes, shapes and bits.
+    For each tensor in lexicographic (UTF-8 byte) order of its name: u32 name length, name bytes,
+    u8 dtype-name length, dtype name (``DTYPE_NAMES``), u32 ndim, u64 per dimension, then the raw
+    little-endian element bytes (all integers little-endian).
     """
-    h = hashlib.sha256()
     for name in sorted(state, key=lambda n: n.encode("utf-8")):
         t = state[name]
         if t.dtype not in DTYPE_NAMES:
@@ -64,6 +67,18 @@ def model_hash(state: StateDict) -> str:
         h.update(struct.pack("<B", len(dtype)) + dtype)
         h.update(struct.pack("<I", t.dim()) + struct.pack(f"<{t.dim()}Q", *t.shape))
         h.update(tensor_bytes(t))
+
+
+def tensors_hash(state: StateDict) -> str:
+    """SHA-256 (hex) of a set of tensors alone, independent of file format: the records of
+    :func:`update_tensors_hash` and nothing else. Two states hash equal iff they have the same
+    names, dtypes, shapes and bits.
+
+    Not a model's identity: that is ``shared.models.model_hash(arch, state)``, which also covers
+    the architecture (the v1 model hash was this function; see docs/protocol.md).
+    """
+    h = hashlib.sha256()
+    update_tensors_hash(h, state)
     return h.hexdigest()
 
 

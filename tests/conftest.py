@@ -169,13 +169,16 @@ def free_port() -> int:
 @pytest.fixture
 def client(server_ctx):
     """The REST API of ``server_ctx`` through Starlette's in-process TestClient (real routing,
-    middleware and database; no socket)."""
+    middleware and database; no socket), sending the first-start admin token."""
     import warnings
 
     from server.api.main import create_app
+    from server.domain.operators import read_bootstrap_token
 
     with warnings.catch_warnings():  # starlette warns that its TestClient prefers httpx2
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
-    return TestClient(create_app(server_ctx), raise_server_exceptions=True)
+    app = create_app(server_ctx)  # creates the admin token on first start
+    token = read_bootstrap_token(server_ctx.settings.data_dir)
+    return TestClient(app, raise_server_exceptions=True, headers={"Authorization": f"Bearer {token}"})

@@ -40,6 +40,7 @@ UNIT = DEPLOY / "edgeloop-agent.service"
 DOCKERFILES = {"server": DEPLOY / "Dockerfile.server", "agent": DEPLOY / "Dockerfile.agent"}
 ENV_EXAMPLES = {"server": DEPLOY / "server.env.example", "agent": DEPLOY / "agent.env.example"}
 ENTRYPOINTS = {"server": DEPLOY / "server-entrypoint.sh", "agent": DEPLOY / "agent-entrypoint.sh"}
+COMPOSE_INIT = DEPLOY / "compose-init.sh"  # compose's one-shot init step (server image)
 DOCS = ROOT / "docs" / "deploy.md"
 PRODUCT_PACKAGES = ("edgeloop", "shared", "server", "edge_agent")
 SERVER_ONLY_DISTS = ("fastapi", "sqlalchemy", "alembic", "uvicorn", "psycopg", "starlette")
@@ -278,7 +279,7 @@ def all_commands() -> list[tuple[str, list[str]]]:
                 found.append((f"compose {name}", argv))
             else:
                 found.extend((f"compose {name}", c) for c in _shell_commands(" ".join(argv)))
-    for path in ENTRYPOINTS.values():
+    for path in (*ENTRYPOINTS.values(), COMPOSE_INIT):
         found.extend((path.name, argv) for argv in _shell_commands(path.read_text()))
     exec_start = unit_parser()["Service"]["ExecStart"]
     found.append((UNIT.name, [Path(shlex.split(exec_start)[0]).name, *shlex.split(exec_start)[1:]]))
@@ -352,7 +353,7 @@ def _env_sources() -> list[tuple[str, str, set[str]]]:
     """(where, role, EDGELOOP_* names set there)."""
     sources = []
     for name, svc in raw_compose()["services"].items():
-        role = {"server": "server", "workers": "server", "agent": "agent"}.get(name)
+        role = {"init": "server", "server": "server", "workers": "server", "agent": "agent"}.get(name)
         names = {k for k in service_env(svc) if k.startswith("EDGELOOP_")}
         if role is None:
             assert not names, f"compose service {name} sets EdgeLoop variables: {names}"
@@ -362,7 +363,7 @@ def _env_sources() -> list[tuple[str, str, set[str]]]:
         sources.append((path.name, role, {k for k in image_env(path) if k.startswith("EDGELOOP_")}))
     for role, path in ENV_EXAMPLES.items():
         sources.append((path.name, role, env_file(path)[1]))
-    for role, path in ENTRYPOINTS.items():
+    for role, path in [*ENTRYPOINTS.items(), ("server", COMPOSE_INIT)]:
         sources.append((path.name, role, set(re.findall(r"\bEDGELOOP_[A-Z0-9_]+", path.read_text()))))
     sources.append((UNIT.name, "agent", {k for k in unit_environment() if k.startswith("EDGELOOP_")}))
     return sources
@@ -388,8 +389,9 @@ def test_valid_names_are_derived_not_listed() -> None:
 
 # --- docker-compose.yml ----------------------------------------------------------------------
 
-CUSTOM = {"POSTGRES_PASSWORD": "pg-s3cret", "EDGELOOP_ENROLLMENT_TOKEN": "fleet-token-123",
-          "EDGELOOP_OPERATOR_TOKEN": "op-token-456", "AGENT_SHARDS": "7"}
+CUSTOM = {"AGENT_SHARDS": "7", "EDGELOOP_TLS_HOSTNAMES": "server,localhost,127.0.0.1,edge.example.lan",
+          "REST_PUBLISH_ADDRESS": "10.0.0.5"}
+SECRET_WORDS = re.compile(r"PASSWORD|TOKEN|SECRET|PRIVATE|_KEY\b|CREDENTIAL", re.I)
 
 
 @pytest.mark.parametrize("host_env", [{}, CUSTOM], ids=["defaults", "custom"])
@@ -403,30 +405,134 @@ def test_compose_server_settings_and_ports(host_env: dict[str, str], clean_env) 
     env = {**image_env(DOCKERFILES["server"]), **service_env(server)}
     settings = settings_from_env("server", env, clean_env)
 
-    # Binds every interface inside the container.
+    # Binds every interface inside the container, TLS on both ports.
     assert settings.rest_host == "0.0.0.0" and settings.grpc_host == "0.0.0.0"
-    # Published container ports are exactly the ports the server binds.
-    container_ports = {target for _, _, target in published_ports(server)}
-    assert container_ports == {settings.rest_port, settings.grpc_port}
+    assert not settings.insecure and settings.tls_cert_file is None  # the local CA in the data volume
+    # Published container ports are exactly the ports the server binds; REST on the host's
+    # loopback unless asked otherwise, gRPC for devices.
+    ports = {target: host for host, _, target in published_ports(server)}
+    assert set(ports) == {settings.rest_port, settings.grpc_port}
     assert settings.rest_port == 8000 and settings.grpc_port == 50051  # the documented ports
-    # The database: PostgreSQL with the psycopg driver, on the db service, its credentials.
-    url = make_url(settings.resolved_database_url)
-    db_env = service_env(services["db"])
+    assert ports[settings.rest_port] == host_env.get("REST_PUBLISH_ADDRESS", "127.0.0.1")
+    # The certificate names the service agents dial and the loopback the health check probes.
+    from server.tls import configured_hostnames
+
+    names = configured_hostnames(settings.tls_hostnames, (settings.rest_host, settings.grpc_host))
+    assert {"server", "127.0.0.1"} <= set(names)
+    if host_env:
+        assert "edge.example.lan" in names
+    # The database: PostgreSQL with the psycopg driver, on the db service; the password only
+    # in the file secret both read.
+    url = make_url(settings.database_url)
+    db = services["db"]
+    db_env = service_env(db)
     assert url.drivername == "postgresql+psycopg"
     assert url.host in services and url.host == "db"
     assert (url.port or 5432) == 5432
     assert url.username == db_env["POSTGRES_USER"] and url.database == db_env["POSTGRES_DB"]
-    assert url.password == db_env["POSTGRES_PASSWORD"]
-    if host_env:
-        assert url.password == host_env["POSTGRES_PASSWORD"]
-        assert settings.enrollment_token == host_env["EDGELOOP_ENROLLMENT_TOKEN"]
-        assert settings.operator_token == host_env["EDGELOOP_OPERATOR_TOKEN"]
+    assert url.password is None
+    secret = Path(db_env["POSTGRES_PASSWORD_FILE"])
+    assert settings.database_password_file == secret and secret.parent == Path("/run/secrets")
+    for svc in (db, server, services["init"], services["workers"]):
+        assert secret.name in svc["secrets"]
+    assert secret.name in compose["secrets"]
     # Data dir on a named volume declared at the top level.
     data_mount = mounts(server).get(str(settings.data_dir))
     assert data_mount and data_mount in (compose.get("volumes") or {}), f"{settings.data_dir} is not on a named volume"
-    assert (server.get("depends_on") or {}).get("db", {}).get("condition") == "service_healthy"
+    assert (server.get("depends_on") or {}).get("init", {}).get("condition") == "service_completed_successfully"
     assert server["build"]["dockerfile"] == "deploy/Dockerfile.server"
     assert (ROOT / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
+
+
+def test_database_password_file_is_put_into_the_url(tmp_path: Path) -> None:
+    from sqlalchemy.engine import make_url
+
+    from server.settings import ServerSettings
+
+    secret = tmp_path / "postgres_password"
+    secret.write_text("p@ss/w:rd\n")  # characters a URL must escape; the trailing newline is dropped
+    settings = ServerSettings(database_url="postgresql+psycopg://edgeloop@db:5432/edgeloop",
+                              database_password_file=str(secret))
+    url = make_url(settings.resolved_database_url)
+    assert url.password == "p@ss/w:rd" and url.username == "edgeloop" and url.host == "db"
+    assert "p@ss" not in settings.describe()
+
+
+def test_no_secret_in_compose_or_the_unit() -> None:
+    """Secrets come from files (Docker secrets, volumes an init step writes, the unit's
+    EnvironmentFile), never from values in these files or defaults they interpolate."""
+    raw = raw_compose()
+    for name, svc in raw["services"].items():
+        for key, value in service_env(svc).items():
+            if SECRET_WORDS.search(key):
+                assert key.endswith("_FILE") and value.startswith("/"), f"compose {name}: {key}={value}"
+    for secret in raw["secrets"].values():
+        source = secret["file"]
+        assert source.startswith("./secrets/"), source
+        assert dockerignored(source.removeprefix("./")), f"{source} would be copied into an image"
+        ignored = subprocess.run(["git", "check-ignore", "-q", source.removeprefix("./")], cwd=ROOT)
+        assert ignored.returncode == 0, f"{source} is not git-ignored"
+    assert not re.search(r"\$\{[A-Z_]*(PASSWORD|TOKEN|SECRET)[A-Z_]*", COMPOSE.read_text()), "a secret from the environment"
+    for key in unit_environment():
+        assert not SECRET_WORDS.search(key), f"{UNIT.name} sets {key}: keep it in the EnvironmentFile"
+
+
+def test_compose_init_prepares_the_server_and_the_simulated_fleet(clean_env) -> None:
+    compose = load_compose()
+    services = compose["services"]
+    init, server, agent = services["init"], services["server"], services["agent"]
+    assert init["image"] == server["image"] and service_env(init) == service_env(server)
+    assert init["restart"] == "no" and (init.get("depends_on") or {})["db"]["condition"] == "service_healthy"
+    entry = init["entrypoint"]
+    assert copied_files(DOCKERFILES["server"]).get(f"/usr/local/bin/{entry[0]}") == f"deploy/{COMPOSE_INIT.name}"
+    # init writes the server's TLS files into the server's data volume...
+    server_settings = settings_from_env("server", {**image_env(DOCKERFILES["server"]), **service_env(init)},
+                                        clean_env)
+    data_dir = str(server_settings.data_dir)
+    assert mounts(init)[data_dir] == mounts(server)[data_dir]
+    # ...and the CA and the enrollment token into the volume the agents mount read-only.
+    agent_env = {**image_env(DOCKERFILES["agent"]), **service_env(agent)}
+    agent_settings = settings_from_env("agent", {**agent_env, "EDGELOOP_AGENT_SHARD_INDEX": "0"}, clean_env)
+    boot = "/var/lib/edgeloop/bootstrap"
+    assert agent_settings.ca_file == Path(boot, "ca.crt")
+    assert agent_settings.enrollment_token_file == Path(boot, "enrollment-token")
+    assert mounts(init)[boot] == mounts(agent)[boot] in compose["volumes"]
+    assert any(str(v).endswith(f":{boot}:ro") for v in agent["volumes"]), "agents must not write the bootstrap volume"
+    assert not agent_settings.insecure
+
+
+@pytest.mark.slow  # a dozen CLI processes, each importing torch: ~1-2 min
+@pytest.mark.skipif(not (VENV_BIN / "edgeloop").exists(), reason="needs the installed edgeloop console script")
+def test_compose_init_script_runs_and_is_idempotent(tmp_path: Path) -> None:
+    """deploy/compose-init.sh for real (SQLite instead of PostgreSQL): CA, certificate, token;
+    a second run keeps them; a revoked token is replaced."""
+    boot = tmp_path / "bootstrap"
+    env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path),
+           "EDGELOOP_DATABASE_URL": f"sqlite:///{tmp_path / 'server.db'}", "EDGELOOP_DATA_DIR": str(tmp_path / "data"),
+           "EDGELOOP_TLS_HOSTNAMES": "server,127.0.0.1", "BOOTSTRAP_DIR": str(boot)}
+
+    def run() -> subprocess.CompletedProcess:
+        done = subprocess.run(["sh", str(COMPOSE_INIT)], env=env, capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    first = run()
+    ca = (boot / "ca.crt").read_bytes()
+    assert ca == (tmp_path / "data" / "tls" / "ca.crt").read_bytes()
+    token = (boot / "enrollment-token").read_text().strip()
+    assert len(token) >= 16 and token not in first.stdout + first.stderr  # never printed
+    assert (boot / "enrollment-token").stat().st_mode & 0o077 == 0
+    token_id = (boot / "enrollment-token.id").read_text().strip()
+    second = run()
+    assert "keeping" in second.stderr and (boot / "enrollment-token").read_text().strip() == token
+    assert (boot / "ca.crt").read_bytes() == ca
+    subprocess.run(["edgeloop", "server", "enrollment", "revoke", token_id], env=env, check=True,
+                   capture_output=True, timeout=120, cwd=tmp_path)
+    third = run()
+    assert "revoked: creating a new one" in third.stderr
+    assert (boot / "enrollment-token").read_text().strip() != token
+    assert (boot / "ca.crt").read_bytes() == ca
 
 
 def test_compose_workers_share_the_server_database_and_blobs(clean_env) -> None:
@@ -470,7 +576,6 @@ def test_compose_agent_settings(host_env: dict[str, str], clean_env) -> None:
     host, port = settings.server.rsplit(":", 1)
     assert host == "server" and host in services
     assert int(port) == server_settings.grpc_port
-    assert settings.enrollment_token == server_settings.enrollment_token, "agents could never register"
     assert settings.num_shards >= 2, "replicas need several shards to take distinct ones"
     if host_env:
         assert settings.num_shards == int(host_env["AGENT_SHARDS"])
@@ -521,15 +626,21 @@ def test_healthcheck_defaults_equal_settings_defaults() -> None:
         port_field = port_var[len(prefix):].lower()
         assert cls.model_fields[host_field].default == host_default
         assert cls.model_fields[port_field].default == port_default
+    server = classes["server"]
+    assert str(server.model_fields["data_dir"].default) == hc.SERVER_DATA_DIR_DEFAULT
+    assert server.model_fields["insecure"].default is False and hc.server_tls({})
 
 
 def test_healthcheck_url_follows_the_compose_env() -> None:
     hc = _healthcheck_module()
     compose = load_compose()
     server_env = {**image_env(DOCKERFILES["server"]), **service_env(compose["services"]["server"])}
-    assert hc.probe_url("server", server_env) == "http://127.0.0.1:8000/healthz"
-    assert hc.probe_url("server", {**server_env, "EDGELOOP_REST_PORT": "9100"}) == "http://127.0.0.1:9100/healthz"
-    assert hc.probe_url("server", {"EDGELOOP_REST_HOST": "::"}) == "http://[::1]:8000/healthz"
+    assert hc.probe_url("server", server_env) == "https://127.0.0.1:8000/healthz"
+    assert hc.probe_url("server", {**server_env, "EDGELOOP_REST_PORT": "9100"}) == "https://127.0.0.1:9100/healthz"
+    assert hc.probe_url("server", {"EDGELOOP_REST_HOST": "::"}) == "https://[::1]:8000/healthz"
+    assert hc.probe_url("server", {"EDGELOOP_INSECURE": "true"}) == "http://127.0.0.1:8000/healthz"
+    assert hc.server_ca_file(server_env) == Path(server_env["EDGELOOP_DATA_DIR"]) / "tls" / "ca.crt"
+    assert hc.server_ca_file({"EDGELOOP_TLS_CERT_FILE": "/etc/x.pem"}) == Path("/etc/x.pem")
     assert hc.probe_url("agent", {"EDGELOOP_AGENT_STATUS_PORT": "-1"}) is None
     with pytest.raises(ValueError, match="EDGELOOP_AGENT_STATUS_PORT"):
         hc.probe_url("agent", {"EDGELOOP_AGENT_STATUS_PORT": "0"})
@@ -559,6 +670,31 @@ def test_server_health_path_is_served_without_the_operator_token(tmp_path: Path)
             assert client.get("/api/v1/devices").status_code == 401  # the token is enforced
     finally:
         ctx.close()
+
+
+def test_server_probe_against_a_real_tls_server(tmp_path: Path) -> None:
+    """healthcheck.py over https against EdgeLoopServer on a real port: healthy with the
+    server's CA, unhealthy with another (the chain is verified, not only the host name)."""
+    from server.app import EdgeLoopServer
+    from server.settings import ServerSettings
+    from server.tls import ensure_server_tls
+
+    settings = ServerSettings(data_dir=tmp_path / "server", database_url=f"sqlite:///{tmp_path / 'e.db'}",
+                              rest_port=0, grpc_port=0, embedded_worker=False, tls_hostnames="edge.example.lan")
+    server = EdgeLoopServer(settings)
+    server.start()
+    try:
+        base = {**os.environ, "EDGELOOP_REST_PORT": str(server.rest_port), "EDGELOOP_DATA_DIR": str(settings.data_dir)}
+        base.pop("EDGELOOP_INSECURE", None)
+        ok = subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), "server"], env=base,
+                            capture_output=True, timeout=30)
+        assert ok.returncode == 0, ok.stderr
+        other = ensure_server_tls(tmp_path / "other", hostnames=["127.0.0.1"], cert_days=30)
+        bad = subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py"), "server"], capture_output=True,
+                             env={**base, "EDGELOOP_TLS_CERT_FILE": str(other.ca_file)}, timeout=30)
+        assert bad.returncode == 1 and b"CERTIFICATE_VERIFY_FAILED" in bad.stderr
+    finally:
+        server.stop()
 
 
 def test_agent_probe_against_a_real_status_server() -> None:

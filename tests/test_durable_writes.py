@@ -68,13 +68,12 @@ out = {}
 if mode.startswith("model"):
     import torch
     from edge_agent.model_store import ModelStore
-    from shared.models import ArchSpec, build_model, init_weights_from_seed
-    from shared.tensors import model_hash
+    from shared.models import ArchSpec, build_model, init_weights_from_seed, model_hash
     arch = ArchSpec("mlp", (1, 8, 8), 10, hidden=(16,))
     model = build_model(arch)
     init_weights_from_seed(model, 7)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    h = model_hash(state)
+    h = model_hash(arch, state)
     store = ModelStore(root)
     if mode == "model-no-dirsync":  # negative control: what a refactor dropping it would do
         import edge_agent.download
@@ -92,6 +91,16 @@ elif mode == "identity":
     UpdateStateFile(root / "update_state.json").save(UpdateRecord())
     mark("@@durable-end@@")
     out = {name: str(root / name) for name in ("identity.json", "hardware_id", "update_state.json")}
+elif mode == "trust":
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from edge_agent.trust import TrustStore
+    from shared.signing import raw_public_key
+    store = TrustStore(root)
+    key = raw_public_key(Ed25519PrivateKey.generate())
+    mark("@@durable-begin@@")
+    assert store.pin_at_enrollment([key])
+    mark("@@durable-end@@")
+    out = {"trust": str(store.path)}
 elif mode == "blob":
     from server.store.blobs import BlobStore
     store = BlobStore(root)
@@ -319,6 +328,11 @@ def test_agent_identity_and_update_state_are_durable(strace_ok, tmp_path):
     assert os.stat(out["identity.json"]).st_mode & 0o777 == 0o600  # a credential
     for final in out.values():
         check_durable_replace(events, final)
+
+
+def test_pinned_signing_keys_are_durable(strace_ok, tmp_path):
+    out, events = run_traced("trust", tmp_path / "data", tmp_path / "trace")
+    check_durable_replace(events, out["trust"])
 
 
 def test_blob_put_is_durable(strace_ok, tmp_path):

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
+from safetensors.torch import load as st_load
 
 import shared.codec  # noqa: F401 - registers the diff decoder, as the agent's updater does
 from edge_agent.model_store import ModelStore, ModelStoreError
@@ -60,8 +61,8 @@ from shared.codec.wire import (
     write_entry,
 )
 from shared.dpu.selection import global_topk_mask, magnitude_scores
-from shared.models import ArchSpec, build_model, init_weights_from_seed
-from shared.tensors import model_hash
+from shared.models import ArchSpec, build_model, init_weights_from_seed, model_hash
+from shared.tensors import tensors_hash
 
 ARCH = ArchSpec("mlp", (1, 12, 12), 5, hidden=(24,))
 SEED = 7
@@ -95,12 +96,12 @@ def _dpu_target(base: dict, seed: int) -> dict:
 def real_artefacts() -> list[Artefact]:
     base = {k: v.detach().clone() for k, v in
             init_weights_from_seed(build_model(ARCH), SEED).state_dict().items()}
-    base_hash = model_hash(base)
+    base_hash = model_hash(ARCH, base)
     full, digest = encode_full_model(ARCH, base, extra={"round": "r1"})
     out = [Artefact("full", full, digest, None),
            Artefact("seed", encode_seed_model(ARCH, SEED, base_hash), base_hash, None)]
     for i, fmt in enumerate(("fp32", "int8")):
-        update = make_update(base, _dpu_target(base, i), fmt)
+        update = make_update(base, _dpu_target(base, i), fmt, arch=ARCH)
         out.append(Artefact(f"diff-{fmt}", encode_update(update, base_hash), update.target_hash,
                             base))
     return out
@@ -138,7 +139,7 @@ def splice(rng: random.Random, a: Artefact) -> bytes:
 
 def random_bytes(rng: random.Random, a: Artefact) -> bytes:
     """Random bytes, sometimes behind a real magic so the sniffer routes them to a decoder."""
-    prefix = rng.choice((b"", b"ELDF", b"ELDF\x01\x00", b"ELSEED1\n", a.data[:9], a.data[:72]))
+    prefix = rng.choice((b"", b"ELDF", b"ELDF\x01\x00", b"ELSEED1\n", b"ELSEED2\n", a.data[:9], a.data[:72]))
     return prefix + rng.randbytes(rng.randrange(2 * len(a.data)))
 
 
@@ -180,6 +181,15 @@ def mutate_arch(rng: random.Random, arch: dict) -> object:
     return arch
 
 
+CANONICAL = {"sort_keys": True, "separators": (",", ":")}
+SAME_TENSOR_SHAPES = ([144], [12, 12], [1, 144], [144, 1, 1], [2, 6, 12], [4, 36], [3, 4, 12])
+
+
+def same_tensors_arch(rng: random.Random) -> ArchSpec:
+    """``ARCH`` over another input shape of 144 elements: the same state-dict shapes."""
+    return ArchSpec("mlp", tuple(rng.choice(SAME_TENSOR_SHAPES)), ARCH.num_classes, hidden=ARCH.hidden)
+
+
 def _deep(rng: random.Random) -> str:
     depth = rng.choice((100, 5000, 100000))
     return "[" * depth + "]" * depth
@@ -204,7 +214,7 @@ def safetensors_edit(rng: random.Random, a: Artefact) -> bytes:
     meta = header["__metadata__"]
     names = sorted(k for k in header if k != "__metadata__")
     name = rng.choice(names)
-    edit = rng.randrange(12)
+    edit = rng.randrange(14)
     if edit == 0:
         header[name]["dtype"] = rng.choice(("F16", "F64", "I64", "BOOL", "U8", "BF16", "C64", "X"))
     elif edit == 1:
@@ -219,13 +229,23 @@ def safetensors_edit(rng: random.Random, a: Artefact) -> bytes:
         header.pop(name)
     elif edit == 4:
         header[rng.choice(("extra", name + "x"))] = dict(header[name])
-    elif edit == 5:
-        meta["edgeloop.arch"] = json.dumps(mutate_arch(rng, json.loads(meta["edgeloop.arch"])))
+    elif edit == 5:  # canonical or not: a canonical edit reaches the spec and hash checks
+        arch = mutate_arch(rng, json.loads(meta["edgeloop.arch"]))
+        meta["edgeloop.arch"] = json.dumps(arch, **rng.choice(({}, CANONICAL)))
+    elif edit in (12, 13):
+        # Issue 8 fault 1: another architecture that builds exactly the same tensors (an MLP
+        # flattens its input), claiming the original hash, the v1 (tensors-only) hash, or the
+        # edited model's own v2 hash (then it is not the model the server announced).
+        meta["edgeloop.arch"] = same_tensors_arch(rng).to_json()
+        if edit == 13:
+            state = st_load(a.data)
+            meta["edgeloop.model_hash"] = rng.choice(
+                (tensors_hash(state), model_hash(ArchSpec.from_json(meta["edgeloop.arch"]), state)))
     elif edit == 6:
         meta["edgeloop.arch"] = rng.choice((_deep(rng), "", "{", "null", ARCH.to_json() + "x"))
     elif edit == 7:
         key = rng.choice(("edgeloop.model_hash", "edgeloop.encoding", "edgeloop.parent"))
-        meta[key] = rng.choice(("", "0" * 64, "model/seed-v1", "diff/sparse-v1", a.target[::-1],
+        meta[key] = rng.choice(("", "0" * 64, "model/seed-v1", "model/seed-v2", "diff/sparse-v1", a.target[::-1],
                                 rng.randbytes(8).hex()))
     elif edit == 8:
         meta.pop(rng.choice(sorted(meta)))
@@ -246,8 +266,10 @@ def safetensors_edit(rng: random.Random, a: Artefact) -> bytes:
 def seed_edit(rng: random.Random, a: Artefact) -> bytes:
     magic, body = a.data[:8], json.loads(a.data[8:])
     edit = rng.randrange(6)
-    if edit == 0:
-        body["arch"] = mutate_arch(rng, body["arch"])
+    if edit == 0:  # the arch travels as canonical JSON text (seed-v2) or an object (seed-v1)
+        arch = body["arch"]
+        mutated = mutate_arch(rng, json.loads(arch) if isinstance(arch, str) else arch)
+        body["arch"] = json.dumps(mutated, **CANONICAL) if isinstance(arch, str) else mutated
     elif edit == 1:
         body["seed"] = rng.choice((SEED + 1, -1, 2**63, 2**64, 10**400, 1.5, 1e308, float("inf"),
                                    "7", None, True, [7]))
@@ -373,16 +395,18 @@ AWARE: dict[str, Mutator] = {"full": safetensors_edit, "seed": seed_edit,
 # ---------------------------------------------------------------- the agent's install path
 
 
-def install(a: Artefact, data: bytes, store: ModelStore) -> str:
+def install(a: Artefact, data: bytes, store: ModelStore) -> tuple[str, ArchSpec]:
     """What the agent does with downloaded bytes (edge_agent/updater.py ``Updater.verify``,
-    then edge_agent/update_machine.py ``_installing``); returns the installed hash."""
+    then edge_agent/update_machine.py ``_installing``); returns the installed hash and the
+    architecture the agent would then run."""
     is_diff = a.base is not None  # the server's UpdateInfo says whether it sent a diff
-    decoded = decode_artefact(data, a.base if is_diff else None, max_parameters=MAX_PARAMETERS)
+    decoded = decode_artefact(data, a.base if is_diff else None, base_arch=ARCH if is_diff else None,
+                              max_parameters=MAX_PARAMETERS)
     if decoded.model_hash != a.target:
         raise ArtefactError(f"artefact produced {decoded.model_hash[:12]}, server promised "
                             f"{a.target[:12]}")
     arch = decoded.arch or ARCH  # a diff keeps the architecture of the model it applies to
-    return store.install(arch, dict(decoded.state), expected_hash=decoded.model_hash)
+    return store.install(arch, dict(decoded.state), expected_hash=decoded.model_hash), arch
 
 
 @dataclass
@@ -420,9 +444,9 @@ def _peak_rss() -> int:
 def run_fuzz(n_cases: int, seed: int, root: Path) -> Figures:
     artefacts = real_artefacts()
     stores = {a.kind: ModelStore(root / a.kind) for a in artefacts}
-    base_hash = model_hash(artefacts[-1].base)
+    base_hash = model_hash(ARCH, artefacts[-1].base)
     for a in artefacts:  # positive control: the unmutated artefacts install
-        assert install(a, a.data, stores[a.kind]) == a.target
+        assert install(a, a.data, stores[a.kind]) == (a.target, ARCH)
     rng, fig, rss0 = random.Random(seed), Figures(), _peak_rss()
     tracemalloc.start()
     try:
@@ -438,7 +462,7 @@ def run_fuzz(n_cases: int, seed: int, root: Path) -> Figures:
             try:
                 with warnings.catch_warnings():  # a numeric warning is a bug too
                     warnings.simplefilter("error", RuntimeWarning)
-                    got = install(a, data, stores[a.kind])
+                    got, arch = install(a, data, stores[a.kind])
             except TYPED as exc:
                 fig.refused[type(exc).__name__] += 1
             except Exception as exc:  # noqa: BLE001 - what the fuzzer looks for
@@ -447,8 +471,8 @@ def run_fuzz(n_cases: int, seed: int, root: Path) -> Figures:
                                    f"{frame.filename}:{frame.lineno}")
             else:
                 fig.installed_target += 1
-                if got != a.target:
-                    fig.wrong_installs.append(f"{label}: installed {got}")
+                if got != a.target or arch != ARCH:  # another model, or the right tensors
+                    fig.wrong_installs.append(f"{label}: installed {got} as {arch.to_json()}")
             seconds = time.perf_counter() - t0
             traced = tracemalloc.get_traced_memory()[1] - traced0
             if seconds > fig.worst_seconds:
@@ -463,7 +487,7 @@ def run_fuzz(n_cases: int, seed: int, root: Path) -> Figures:
         store = stores[a.kind]
         if store.installed() != [a.target] or store.current_hash() != a.target:
             fig.wrong_installs.append(f"{a.kind} store holds {store.installed()}")
-    assert model_hash(artefacts[-1].base) == base_hash
+    assert model_hash(ARCH, artefacts[-1].base) == base_hash
     return fig
 
 

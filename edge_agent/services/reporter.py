@@ -40,16 +40,20 @@ class ReporterService:
                 self.conn.ensure_identity()
                 self.heartbeat()
                 self.backoff.reset()
-            except CredentialRejected:
+            except CredentialRejected as exc:
+                if not self.conn.registered:  # Register itself refused: a wrong or missing enrollment token
+                    log.error("registration refused: %s", exc)
+                    self.conn.report_error(f"registration refused: {exc}")
                 self.conn.forget_identity()
                 delay = self.backoff.next_delay()
             except PermanentError as exc:  # the server refuses what we report: say so, retry later
-                log.error("heartbeat refused: %s", exc)
-                self.conn.report_error(f"heartbeat refused: {exc}")
+                what = "heartbeat" if self.conn.registered else "registration"  # e.g. an expired enrollment token
+                log.error("%s refused: %s", what, exc)
+                self.conn.report_error(f"{what} refused: {exc}")
                 delay = self.backoff.next_delay()
             except ClientError as exc:
                 self.conn.offline(exc)
-                delay = self.backoff.next_delay()
+                delay = self.backoff.next_delay(exc)  # never before the server's retry-after
             self._wake.wait(delay)
             self._wake.clear()
 

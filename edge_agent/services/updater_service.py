@@ -70,8 +70,9 @@ class UpdaterService:
     def _after(self, state: State) -> State:
         now = time.monotonic()
         reason = self.machine.record.reason
-        if state is State.DOWNLOADING:  # suspended: the link dropped
-            self._next_try = now + self.link_backoff.next_delay()
+        if state is State.DOWNLOADING:  # suspended: the link dropped (or the server said wait)
+            hold = getattr(self.conn.client, "retry_after", None)
+            self._next_try = now + max(self.link_backoff.next_delay(), hold.remaining() if hold else 0.0)
         elif state is State.ROLLING_BACK:  # the rollback could not finish: retry it
             self.conn.report_error(reason)
             self._next_try = now + self.retry.next_delay()

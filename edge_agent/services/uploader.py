@@ -41,7 +41,7 @@ class UploaderService:
                 resp = self.conn.client.upload(batch)
             except TransientError as exc:
                 self.conn.offline(exc)
-                stop.wait(self.backoff.next_delay())
+                stop.wait(self.backoff.next_delay(exc))  # never before the server's retry-after
                 continue
             except CredentialRejected:
                 self.conn.forget_identity()

@@ -34,5 +34,5 @@ class WatcherService:
                         return
                     if msg.target_model_hash:
                         self.conn.set_target(msg.target_model_hash)
-            except ClientError:  # CredentialRejected included: the reporter registers again
-                stop.wait(self.backoff.next_delay())
+            except ClientError as exc:  # CredentialRejected included: the reporter registers again
+                stop.wait(self.backoff.next_delay(exc))  # never before the server's retry-after

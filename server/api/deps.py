@@ -1,23 +1,35 @@
 """Named dependency types for the REST routes: the server context, a database session, and
-the operator check."""
+the operator token check every route declares (``dependencies=[require_scope("read")]``)."""
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from server.context import ServerContext
-from server.domain.errors import UnauthenticatedError
+from server.db.models import OperatorToken
+from server.domain import operators as ops
+from server.domain.errors import ForbiddenError
+from server.settings import ServerSettings
 
-MISSING_TOKEN = "missing operator token (header 'Authorization: Bearer <token>')"
-WRONG_TOKEN = "invalid operator token"
+# Operator token scopes (issue 9), hierarchical: ``read`` (GET endpoints) < ``operate``
+# (rounds, labels) < ``admin`` (devices, enrollment, tokens, audit).
+SCOPES = ops.SCOPES
+INSUFFICIENT = "operator token {id} ({name!r}) has scope {have!r}; this call needs {need!r}"
+DATABASE_UNREACHABLE = "database unreachable"
 
-_bearer = HTTPBearer(auto_error=False, description="The server's operator token (EDGELOOP_OPERATOR_TOKEN).")
+_bearer = HTTPBearer(
+    auto_error=False, scheme_name="OperatorToken",
+    description="An operator API token (`elop_<id>_<secret>`, from `edgeloop server token create`, "
+                "`POST /api/v1/tokens` or the first-start file `<data_dir>/operator-token`).",
+)
 
 
 def get_ctx(request: Request) -> ServerContext:
@@ -37,29 +49,71 @@ def get_session(ctx: CtxDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def require_operator(
-    ctx: CtxDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    """Every /api/v1 route needs the operator token when the server has one configured."""
-    expected = ctx.settings.operator_token
-    if not expected:
-        return
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise UnauthenticatedError(MISSING_TOKEN)
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise UnauthenticatedError(WRONG_TOKEN)
+@dataclass
+class Caller:
+    """Who made a request, filled in by the scope check; the audit middleware reads it."""
+
+    token_id: str | None = None
+    token_name: str = ops.ANONYMOUS
 
 
-OperatorDep = Depends(require_operator)
+def caller_of(request: Request) -> Caller:
+    """The request's Caller (the audit middleware puts one in ``scope["state"]`` first, so
+    both see the same object)."""
+    state = request.scope.setdefault("state", {})
+    caller = state.get("caller")
+    if caller is None:
+        caller = state["caller"] = Caller()
+    return caller
 
-# Operator token scopes (issue 9): ``read`` (GET endpoints), ``operate`` (rounds, labels),
-# ``admin`` (devices, enrollment, tokens, audit). A route declares the scope it needs with
-# ``dependencies=[require_scope("operate")]``. PLACEHOLDER by the lead: the scoped token
-# check is being written; until then this is the old single-token check.
-SCOPES = ("read", "operate", "admin")
+
+class ScopeCheck:
+    """The dependency behind :func:`require_scope`: a valid, active token whose scope covers
+    ``scope`` (401 without one, 403 when its scope is too low). ``open_if(settings)`` true
+    lets the route be called without a token (``/metrics`` with ``metrics_public``)."""
+
+    def __init__(self, scope: str, open_if: Callable[[ServerSettings], bool] | None = None) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}; one of {SCOPES}")
+        self.scope = scope
+        self.open_if = open_if
+
+    def __call__(
+        self, request: Request, ctx: CtxDep,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> OperatorToken | None:
+        if self.open_if is not None and self.open_if(ctx.settings):
+            return None
+        caller = caller_of(request)
+        try:
+            with ctx.factory() as s:
+                token = ops.authenticate(s, credentials.credentials if credentials else None)
+                caller.token_id, caller.token_name = token.id, token.name
+                ops.check_active(token)
+                if not ops.scope_allows(token.scope, self.scope):
+                    raise ForbiddenError(INSUFFICIENT.format(id=token.id, name=token.name, have=token.scope,
+                                                             need=self.scope))
+                if ops.mark_used(s, token):
+                    s.commit()
+                return token
+        except (OperationalError, InterfaceError):
+            # No database, no way to check the token: a 503 like /healthz's, not a 500.
+            raise HTTPException(503, DATABASE_UNREACHABLE) from None
 
 
-def require_scope(scope: str):
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; one of {SCOPES}")
-    return Depends(require_operator)
+def require_scope(scope: str, *, open_if: Callable[[ServerSettings], bool] | None = None):
+    """``dependencies=[require_scope("operate")]``: the route needs a token of at least that
+    scope. Every /api/v1 route declares exactly one (create_app checks)."""
+    return Depends(ScopeCheck(scope, open_if))
+
+
+def route_scopes(route: APIRoute) -> list[str]:
+    """The scopes a route's dependencies require (exactly one for a correctly declared route)."""
+    found: list[str] = []
+    stack = [route.dependant]
+    while stack:
+        dep = stack.pop()
+        if isinstance(dep.call, ScopeCheck):
+            found.append(dep.call.scope)
+        stack.extend(dep.dependencies)
+    return found

@@ -22,6 +22,7 @@ from server.api.schemas import ErrorPublic
 from server.domain.errors import (
     ConflictError,
     DomainError,
+    ForbiddenError,
     InvalidArgumentError,
     NotFoundError,
     UnauthenticatedError,
@@ -34,6 +35,7 @@ STATUS: dict[type[DomainError], int] = {
     InvalidArgumentError: 422,
     ConflictError: 409,
     UnauthenticatedError: 401,
+    ForbiddenError: 403,
 }
 INTERNAL_ERROR = "internal server error"
 UNREADABLE_BODY = "body: not a UTF-8 JSON document"
@@ -41,7 +43,8 @@ METHOD_NOT_ALLOWED = "method not allowed here; allowed: {allow}"
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # What each error status means, for the OpenAPI description of the routes that can return it.
 ERROR_TEXT: dict[int, str] = {
-    401: "Missing or wrong operator token.",
+    401: "Missing, malformed, unknown, expired or revoked operator token.",
+    403: "The operator token's scope does not cover this call.",
     404: "The named object does not exist.",
     409: "The request conflicts with the object's current state.",
     413: "The request body is too large.",

@@ -1,8 +1,10 @@
 """The operators' REST API: ``create_app(ctx)`` builds the FastAPI app over a running server's
 context. Agents use gRPC; this API is for people and scripts (devices, labels, rounds, models).
 
-Routes live under /api/v1 (operator token required when configured); /healthz and /metrics
-are open for probes and scrapers. OpenAPI: /docs and /openapi.json.
+Routes live under /api/v1; each declares the token scope it needs (server/api/deps.py), and
+the app refuses to build if one does not. /healthz is open for probes; /metrics needs a read
+token unless ``metrics_public``. Mutating calls are audited (server/api/audit.py). OpenAPI:
+/docs and /openapi.json.
 """
 
 from __future__ import annotations
@@ -13,12 +15,26 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.deps import OperatorDep
-from server.api.errors import error_response, install_error_handlers
-from server.api.routes import devices, health, models, rounds, samples
+from server.api.audit import AuditMiddleware
+from server.api.deps import route_scopes
+from server.api.errors import ERROR_TEXT, error_response, install_error_handlers
+from server.api.routes import (
+    audit,
+    devices,
+    enrollment,
+    health,
+    models,
+    rounds,
+    samples,
+    signing,
+    tokens,
+)
 from server.context import ServerContext
+from server.domain.operators import ensure_operator_access
 
 API_PREFIX = "/api/v1"
+UNAVAILABLE_TEXT = ("The database is unreachable: the token cannot be checked, or (a mutating call) its audit "
+                    "record cannot be written. Nothing was changed.")
 # Bodies are small JSON documents. 2 MiB (not 1) because the largest legal one, 10 000 labels
 # each naming sample and device, is about 1.4 MB.
 MAX_BODY_BYTES = 2 << 20
@@ -71,14 +87,18 @@ def operation_id(route: APIRoute) -> str:
 
 
 def add_runtime_bounds(app: FastAPI, ctx: ServerContext) -> None:
-    """Writes the bounds that come from this server's settings into its OpenAPI document (the
-    pydantic models cannot know them): a label is at most ``num_classes - 1``."""
+    """Writes what comes from this server's settings into its OpenAPI document (the pydantic
+    models cannot know it): a label is at most ``num_classes - 1``; /metrics is open if
+    ``metrics_public``. Also documents every route's token errors (:func:`document_auth`)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         first = app.openapi_schema is None
         schema = generate()  # FastAPI caches it in app.openapi_schema
         if first:
+            if ctx.settings.metrics_public:
+                schema["paths"]["/metrics"]["get"].pop("security", None)
+            document_auth(schema)
             label = schema["components"]["schemas"]["LabelIn"]["properties"]["label"]
             label["maximum"] = ctx.settings.arch.num_classes - 1
             label["description"] = f"Class label, in [0, {ctx.settings.arch.num_classes})."
@@ -93,8 +113,9 @@ def create_app(ctx: ServerContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> F
         version="1",
         description=(
             "Manage an EdgeLoop fleet: devices, samples and labels, update rounds, model versions. "
-            "Send 'Authorization: Bearer <operator token>' on /api/v1 routes when the server has "
-            "one configured. Every error body is {\"detail\": \"...\"}."
+            "Every /api/v1 route (and /metrics unless public) needs 'Authorization: Bearer <operator "
+            "token>' with a scope: read (GET routes) < operate (rounds, labels) < admin (devices, "
+            "tokens, audit). Every error body is {\"detail\": \"...\"}."
         ),
         generate_unique_id_function=operation_id,
     )
@@ -102,11 +123,55 @@ def create_app(ctx: ServerContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> F
     app.state.metrics_registry = health.metrics_registry(ctx)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    # Outermost, so refused calls (413s included) are audited too.
+    app.add_middleware(AuditMiddleware, fastapi_app=app, prefix=API_PREFIX, action_of=operation_id)
 
-    api = APIRouter(prefix=API_PREFIX, dependencies=[OperatorDep])
-    for module in (devices, samples, models, rounds):
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (devices, samples, models, rounds, tokens, audit, enrollment, signing):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)
+    check_route_scopes(app)
     add_runtime_bounds(app, ctx)
+    ensure_operator_access(ctx.factory, ctx.settings.data_dir, ctx.settings.operator_token)
     return app
+
+
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def api_routes(app: FastAPI) -> list[Any]:
+    """Every FastAPI route of the app with its full path and effective dependencies (FastAPI
+    keeps included routers nested; ``iter_route_contexts`` flattens them)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # FastAPI before nested routers: app.routes is flat
+        return [r for r in app.routes if isinstance(r, APIRoute)]
+    return [rc for rc in iter_route_contexts(app.routes) if isinstance(rc.original_route, APIRoute)]
+
+
+def check_route_scopes(app: FastAPI) -> None:
+    """Every route but /healthz declares exactly one token scope: a new route without one
+    fails here, at start-up, instead of being served open."""
+    for route in api_routes(app):
+        scopes = route_scopes(route)
+        if route.path in OPEN_PATHS:
+            if scopes:
+                raise RuntimeError(f"route {route.path} is meant to be open but requires {scopes}")
+        elif len(scopes) != 1:
+            raise RuntimeError(f"route {sorted(route.methods)} {route.path} must declare exactly one scope "
+                               f"with dependencies=[require_scope(...)], has {scopes}")
+
+
+def document_auth(schema: dict[str, Any]) -> None:
+    """Adds to the OpenAPI document the 401/403/503 answers of every operation that needs a token."""
+    error = {"$ref": "#/components/schemas/ErrorPublic"}
+    for item in schema["paths"].values():
+        for op in item.values():
+            if not op.get("security"):
+                continue
+            for code in (401, 403, 503):
+                op["responses"].setdefault(str(code), {
+                    "description": ERROR_TEXT[code] if code != 503 else UNAVAILABLE_TEXT,
+                    "content": {"application/json": {"schema": error}},
+                })

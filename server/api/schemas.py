@@ -177,7 +177,7 @@ class LabelsUpdated(BodyOut):
 
 class ModelVersionPublic(BodyOut):
     number: int = Field(description="0, 1, 2... in publish order.")
-    model_hash: str = Field(description="Canonical SHA-256 of the model's tensors: the version's id.")
+    model_hash: str = Field(description="Model hash (v2: SHA-256 over the architecture spec and the tensors, docs/protocol.md): the version's id.")
     parent_hash: str | None = Field(description="Version it was trained from (null for version 0).")
     method: str = Field(description="How it was made: 'init', 'full', 'dpu'...")
     metrics: dict[str, Any] = Field(description="Training metrics recorded by the round.")
@@ -334,3 +334,56 @@ class MethodPublic(BodyOut):
 class MethodsPublic(BodyOut):
     data: list[MethodPublic] = Field(description="Every registered update policy.")
     count: int = Field(description="Number of policies.")
+
+
+# --- operator tokens and audit (issue 9) ----------------------------------------------------
+
+Scope = Literal["read", "operate", "admin"]
+MAX_EXPIRES_IN_S = 3650 * 86400
+
+
+class TokenCreate(BodyIn):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$",
+                      description="Who or what uses the token (shown in lists and the audit log).")
+    scope: Scope = Field(description="read: GET routes; operate: also rounds and labels; admin: everything.")
+    expires_in_s: int | None = Field(None, ge=60, le=MAX_EXPIRES_IN_S,
+                                     description="Seconds until the token expires; null: never.")
+
+
+class TokenPublic(BodyOut):
+    id: str = Field(description="The token's id, also its visible part: elop_<id>_<secret>.")
+    name: str = Field(description="Who or what uses the token.")
+    scope: Scope = Field(description="read < operate < admin (each includes the ones before).")
+    created_by: str = Field(description="The token (name) or tool that created it.")
+    created_at: UtcDatetime = Field(description="When it was created (UTC).")
+    expires_at: UtcDatetime | None = Field(description="When it stops working; null: never.")
+    revoked_at: UtcDatetime | None = Field(description="When it was revoked; null: not revoked.")
+    last_used_at: UtcDatetime | None = Field(description="Last accepted call (updated at most once a minute).")
+    active: bool = Field(description="Neither revoked nor expired.")
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="The secret token, shown only in this response: store it now.")
+
+
+class TokensPublic(BodyOut):
+    data: list[TokenPublic] = Field(description="One page of tokens, oldest first.")
+    count: int = Field(description="Number of tokens in all pages.")
+
+
+class AuditEventPublic(BodyOut):
+    id: int = Field(description="Event number, increasing with time.")
+    at: UtcDatetime = Field(description="When the call arrived (UTC).")
+    token_id: str | None = Field(description="The token used, if the server knew it (revoked and expired ones too).")
+    token_name: str = Field(description="Its name, or 'anonymous'.")
+    method: str = Field(description="HTTP method.")
+    path: str = Field(description="Request path (without the query).")
+    action: str = Field(description="The route's operation id (e.g. rounds-create_round); 'unmatched' if none.")
+    target: str = Field(description="Path parameters and the created object's id, as k=v,...")
+    status: int | None = Field(description="HTTP status of the answer; null: the outcome could not be recorded.")
+    detail: str = Field(description="The error detail of a refused call.")
+
+
+class AuditEventsPublic(BodyOut):
+    data: list[AuditEventPublic] = Field(description="One page of events, newest first.")
+    count: int = Field(description="Number of matching events in all pages.")

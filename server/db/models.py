@@ -12,12 +12,14 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql import expression
 
 from server.db.base import Base, utcnow
 
@@ -177,3 +179,118 @@ class PolicyStateRecord(Base):
     meta: Mapped[dict | None] = mapped_column(JSON, nullable=True, default=None)
     tensors_sha256: Mapped[str | None] = mapped_column(HASH, default=None, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- H3: operator API tokens and the audit log (issue 9; migration 0004) --------------------
+
+
+class OperatorToken(Base):
+    """A credential for the operator REST API. Only the SHA-256 of the secret is stored; the
+    ``id`` is also the token's visible middle part (``elop_<id>_<secret>``) so a leaked token
+    can be named and revoked. ``scope`` is one of read < operate < admin (server.domain.operators)."""
+
+    __tablename__ = "operator_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(HASH, unique=True)
+    created_by: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AuditEvent(Base):
+    """One mutating operator call, written before the handler runs (``status`` null) and
+    completed with its outcome afterwards (server.domain.audit)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    token_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
+    token_name: Mapped[str] = mapped_column(String(64), default="anonymous")
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    action: Mapped[str] = mapped_column(String(128), default="", index=True)
+    target: Mapped[str] = mapped_column(String(512), default="")
+    status: Mapped[int | None] = mapped_column(Integer, default=None)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+# --- H4: managed device enrollment (issue 9; migration 0005) ---------------------------------
+
+
+class EnrollmentToken(Base):
+    """An operator-issued credential agents present to Register. Only the SHA-256 of the
+    secret is stored; ``id`` is also the token's visible middle part (``elen_<id>_<secret>``)
+    so a leaked token can be named and revoked (server.domain.enrollment)."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(HASH, unique=True)
+    tags: Mapped[list] = mapped_column(default=list)  # granted to every device it enrols
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # May re-register a hardware id some other token enrolled (a replaced device's credential
+    # is rotated). An ordinary token may re-register only the devices it enrolled itself.
+    reenroll: Mapped[bool] = mapped_column(Boolean, default=False, server_default=expression.false())
+
+
+class Enrollment(Base):
+    """A hardware id a token enrolled: registering it again with the same token (a device that
+    lost its credential) consumes no further use."""
+
+    __tablename__ = "enrollments"
+
+    token_id: Mapped[str] = mapped_column(ForeignKey("enrollment_tokens.id", ondelete="CASCADE"), primary_key=True)
+    hardware_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- H6: signed artefacts and signing keys (issue 9; migration 0006) --------------------------
+
+
+class SigningKey(Base):
+    """A public key agents are told to trust (server.signing). The first is pinned by agents at
+    enrollment; later ones reach them through a KeyStatementRecord signed by a trusted key.
+    A retired key is no longer sent at enrollment nor used to sign."""
+
+    __tablename__ = "signing_keys"
+
+    key_id: Mapped[str] = mapped_column(HASH, primary_key=True)  # hex SHA-256 of public_key
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class KeyStatementRecord(Base):
+    """A signed key statement (shared.signing.KeyStatement), sent to agents in publish order."""
+
+    __tablename__ = "key_statements"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(HASH)  # the key announced
+    signer_key_id: Mapped[str] = mapped_column(HASH)
+    statement: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ArtefactSignatureRecord(Base):
+    """One key's signature of an artefact's statement (shared.signing.ArtefactStatement)."""
+
+    __tablename__ = "artefact_signatures"
+
+    artefact_sha256: Mapped[str] = mapped_column(ForeignKey("artefacts.sha256", ondelete="CASCADE"),
+                                                 primary_key=True)
+    key_id: Mapped[str] = mapped_column(HASH, primary_key=True)
+    signature: Mapped[bytes] = mapped_column(LargeBinary(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 import uuid
@@ -61,17 +60,15 @@ class Registration:
 def register_device(
     session: Session,
     *,
-    expected_token: str,
-    enrollment_token: str,
     hardware_id: str,
     name: str = "",
     tags: list[str] | None = None,
     hardware: dict[str, str] | None = None,
     agent_version: str = "",
 ) -> Registration:
-    """Create a device, or re-issue the credential of the device with this ``hardware_id``."""
-    if not hmac.compare_digest(enrollment_token.encode(), expected_token.encode()):
-        raise UnauthenticatedError("invalid enrollment token")
+    """Create a device, or re-issue the credential of the device with this ``hardware_id``.
+    The caller has checked the right to enrol: Register goes through
+    :func:`server.domain.enrollment.register`, which checks and consumes a token."""
     hardware_id = hardware_id.strip()
     if not hardware_id or len(hardware_id) > 128:
         raise InvalidArgumentError("hardware_id must be 1 to 128 characters")

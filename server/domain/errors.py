@@ -19,3 +19,12 @@ class UnauthenticatedError(DomainError):
 
 class ConflictError(DomainError):
     """The request conflicts with the current state (gRPC FAILED_PRECONDITION, HTTP 409)."""
+
+
+class PermissionDeniedError(DomainError):
+    """The credential is known but may not do this (an expired, revoked or used-up enrollment
+    token; gRPC PERMISSION_DENIED, HTTP 403)."""
+
+
+class ForbiddenError(DomainError):
+    """A valid credential without the permission the call needs (gRPC PERMISSION_DENIED, HTTP 403)."""

@@ -10,12 +10,15 @@ from sqlalchemy.orm import Session
 
 from server.db.models import Artefact, ModelVersion
 from server.domain.errors import NotFoundError
+from server.signing import sign_new_artefact
 from server.store.blobs import BlobStore
 from shared.artefacts import (
     FULL_MODEL_ENCODING,
     SEED_MODEL_ENCODING,
+    ArtefactError,
     decode_artefact,
     encode_full_model,
+    encode_seed_model,
 )
 from shared.models import ArchSpec, build_model, init_weights_from_seed
 
@@ -42,6 +45,9 @@ def list_versions(session: Session) -> list[ModelVersion]:
 def load_state(session: Session, blobs: BlobStore, model_hash: str) -> tuple[ArchSpec, dict[str, torch.Tensor]]:
     mv = get_version(session, model_hash)
     decoded = decode_artefact(blobs.get(mv.full_artefact_sha256), encoding=FULL_MODEL_ENCODING)
+    if decoded.model_hash != mv.model_hash:  # the hash covers the architecture: this pins both
+        raise ArtefactError(f"version {mv.number}'s artefact holds model {decoded.model_hash[:16]}, "
+                            f"not {mv.model_hash[:16]}")
     return ArchSpec.from_json(mv.arch_json), decoded.state
 
 
@@ -65,7 +71,17 @@ def add_artefact(
         art = Artefact(sha256=sha, encoding=encoding, size=len(data), base_model_hash=base_hash, target_model_hash=target_hash)
         session.add(art)
         session.flush()
+    sign_new_artefact(session, art)  # in this transaction, from the row: never from the blob read back
     return art
+
+
+def add_seed_artefact(session: Session, blobs: BlobStore, arch: ArchSpec, seed: int, model_hash: str) -> Artefact:
+    """The ``model/seed-v2`` artefact that regenerates version ``model_hash`` from ``seed``
+    (DPU §5.4.2; docs/seed-format.md). It is decoded here first, exactly as a device will:
+    a seed whose weights are not that version (raises ArtefactError) is never published."""
+    data = encode_seed_model(arch, seed, model_hash)
+    decode_artefact(data, encoding=SEED_MODEL_ENCODING)
+    return add_artefact(session, blobs, data, encoding=SEED_MODEL_ENCODING, target_hash=model_hash)
 
 
 def publish_version(

@@ -3,6 +3,7 @@ domain errors to status codes."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
@@ -15,19 +16,23 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
+from server import signing
 from server.db.base import utcnow
 from server.db.engine import transaction
 from server.db.models import Delivery, Device, ModelVersion
 from server.domain import devices as D
+from server.domain import enrollment
 from server.domain.errors import (
     ConflictError,
     DomainError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     UnauthenticatedError,
 )
 from server.domain.samples import SampleIn, ingest_samples
 from server.domain.versions import get_version, plan_update
+from server.grpc_api.ratelimit import RateLimited, RateLimiter
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
@@ -39,7 +44,9 @@ _STATUS = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     ConflictError: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED (docs/protocol.md)
 MIN_CHUNK_BYTES = 1 << 10  # a smaller max_chunk_bytes is raised to this (docs/protocol.md)
 MAX_CHUNK_BYTES = 4 << 20  # and a larger one lowered to this (and below the message limit)
 _HASH = re.compile(r"[0-9a-f]{64}")  # model hashes and artefact SHA-256s: lowercase hex
@@ -77,10 +84,28 @@ def credential_from(context: grpc.ServicerContext) -> str:
     return ""
 
 
+def peer_source(peer: str) -> str:
+    """The rate-limit key of a gRPC peer (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``): its
+    address without the port; IPv6 by /64, the block one host usually holds."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        host = rest.rsplit(":", 1)[0].strip("[]")
+        try:
+            return str(ipaddress.ip_network(f"{host}/64", strict=False))
+        except ValueError:
+            return host
+    return peer  # unix sockets and the like: one key per peer string
+
+
 @contextmanager
 def domain_errors(context: grpc.ServicerContext) -> Iterator[None]:
     try:
         yield
+    except RateLimited as exc:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     except DomainError as exc:
         code = next((c for t, c in _STATUS.items() if isinstance(exc, t)), grpc.StatusCode.INVALID_ARGUMENT)
         context.abort(code, str(exc))
@@ -94,23 +119,43 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
         self.factory = factory
         self.blobs = blobs
         self.targets_changed = targets_changed
+        # docs/security.md "Abuse limits": per device on authenticated calls, per source
+        # address on failed Registers.
+        self.device_limits = RateLimiter(settings.device_rate_per_s, settings.device_burst,
+                                         max_keys=settings.rate_limit_max_keys)
+        self.register_limits = RateLimiter(settings.register_rate_per_s, settings.register_burst,
+                                           max_keys=settings.rate_limit_max_keys)
 
     def _device(self, session: Session, context: grpc.ServicerContext) -> Device:
-        return D.authenticate(session, credential_from(context))
+        device = D.authenticate(session, credential_from(context))
+        self.device_limits.acquire(device.id, f"device {device.id}")
+        return device
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
-        with domain_errors(context), transaction(self.factory) as s:
-            reg = D.register_device(
-                s, expected_token=self.settings.enrollment_token, enrollment_token=request.enrollment_token,
-                hardware_id=request.hardware_id, name=request.name, tags=list(request.tags),
-                hardware=dict(request.hardware), agent_version=request.agent_version,
-            )
-            log.info("registered device %s (%s)", reg.device.id, reg.device.name)
-            return pb.RegisterResponse(
-                device_id=reg.device.id, device_credential=reg.credential,
-                target_model_hash=reg.device.target_model_hash,
-                heartbeat_interval_s=self.settings.heartbeat_interval_s,
-            )
+        source = peer_source(context.peer() or "")
+        with domain_errors(context):
+            # Every attempt takes a token and a success gives it back: only failures count,
+            # and concurrent guesses cannot all slip in before the first one fails.
+            self.register_limits.acquire(source, f"Register from {source}")
+            try:
+                with transaction(self.factory) as s:
+                    reg = enrollment.register(
+                        s, enrollment_token=request.enrollment_token, hardware_id=request.hardware_id,
+                        name=request.name, tags=list(request.tags), hardware=dict(request.hardware),
+                        agent_version=request.agent_version,
+                    )
+                    resp = pb.RegisterResponse(
+                        device_id=reg.device.id, device_credential=reg.credential,
+                        target_model_hash=reg.device.target_model_hash,
+                        heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                        signing_public_keys=signing.trusted_public_keys(s),  # pinned at enrollment
+                    )
+            except DomainError as exc:
+                log.warning("Register from %s refused: %s", source, exc)
+                raise
+            self.register_limits.refund(source)
+            log.info("registered device %s (%s) from %s", reg.device.id, reg.device.name, source)
+            return resp
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         with domain_errors(context), transaction(self.factory) as s:
@@ -212,10 +257,16 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
             offset = request.offset
         if offset > art.size:
             raise InvalidArgumentError(f"offset {offset} outside [0, {art.size}]")
+        sigs = signing.signatures_of(s, art.sha256)
+        if not sigs:  # external signing: the key holder has not signed it yet
+            raise ConflictError(f"artefact {art.sha256[:12]} is not signed yet; retry later")
         info = pb.UpdateInfo(
             artefact_sha256=art.sha256, artefact_size=art.size, encoding=art.encoding,
             base_model_hash=art.base_model_hash or "", target_model_hash=art.target_model_hash,
             final_model_hash=plan.final_hash, offset=offset,
+            signatures=[pb.ArtefactSignature(key_id=r.key_id, signature=bytes(r.signature)) for r in sigs],
+            key_announcements=[pb.KeyAnnouncement(statement=bytes(r.statement), signature=bytes(r.signature))
+                               for r in signing.key_statements(s)],
         )
         return info, offset
 

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from server.store.durable import fsync_dir
+
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")  # \Z: "$" would also accept a trailing newline
 
 
@@ -57,9 +59,9 @@ class BlobStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         if self.fsync:
-            self._fsync_dir(final.parent)
+            fsync_dir(final.parent)
             if new_shard:  # the shard's own entry in root, or a power cut can drop the shard
-                self._fsync_dir(self.root)
+                fsync_dir(self.root)
         return digest
 
     def get(self, sha256: str) -> bytes:
@@ -98,10 +100,3 @@ class BlobStore:
                     if _HEX64.match(f.name):
                         yield f.name
 
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

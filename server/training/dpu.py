@@ -47,9 +47,9 @@ from shared.dpu import (
     partial_parameter_names,
     partial_update,
 )
-from shared.models import build_model
+from shared.models import build_model, model_hash
 from shared.objectives import FitSettings, Objective, objective_for
-from shared.tensors import clone_state, model_hash
+from shared.tensors import clone_state
 
 VALUE_BITS = {"fp32": 32, "fp16": 16, "int8": 8}
 MAX_BUDGET_ATTEMPTS = 3
@@ -279,7 +279,8 @@ class DPUPolicy(UpdatePolicy):
         leftover: dict[str, torch.Tensor] = {}
         if carried.residual and not reinit and not ship.first and quantised:
             intended, leftover = add_residual(intended, carried.residual, mask=ship.mask)
-        update = codec.make_update(ship.diff_base, intended, value_format=p.value_format)
+        update = codec.make_update(ship.diff_base, intended, value_format=p.value_format,
+                                   arch=inputs.arch)
         target = update.target
         model.load_state_dict(target)
         if quantised and "val_accuracy" in metrics:
@@ -296,7 +297,7 @@ class DPUPolicy(UpdatePolicy):
                     f"after {p.value_format} encoding, validation accuracy {evaluation.val_accuracy:.4f} does "
                     f"not beat the deployed model's {ship.base_val:.4f}"))
             residual = {n: update.residual[n] + leftover.get(n, 0) for n in update.residual}
-        base_hash = model_hash(ship.diff_base)
+        base_hash = model_hash(inputs.arch, ship.diff_base)
         diff = codec.encode_update(update, base_hash)
         metrics["diff_bytes"] = len(diff)
         metrics["diff_sections"] = codec.size_breakdown(diff)

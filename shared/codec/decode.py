@@ -50,7 +50,9 @@ from shared.codec.wire import (
     parse_header,
     read_entry,
 )
-from shared.tensors import StateDict, model_hash
+from shared.models.identity import model_hash
+from shared.models.spec import ArchSpec
+from shared.tensors import StateDict
 
 
 @dataclass(frozen=True)
@@ -220,11 +222,15 @@ def _decode_entry(data: memoryview, e: Entry) -> TensorDelta:
     return TensorDelta(e.name, e.wd, e.shape, coding, indices, np.array(values), e.scale)
 
 
-def _decode(data: bytes, base: StateDict | None, base_hash: str | None = None) -> DecodedArtefact:
-    if base is None:
-        raise DiffError(f"a {DIFF_ENCODING} artefact needs the base model it applies to")
+def _decode(
+    data: bytes, base: StateDict | None, base_arch: ArchSpec | None, base_hash: str | None = None
+) -> DecodedArtefact:
+    if base is None or base_arch is None:
+        raise DiffError(
+            f"a {DIFF_ENCODING} artefact needs the base model it applies to and its architecture"
+        )
     h, entries = _parse(data)
-    base_hash = base_hash or model_hash(base)
+    base_hash = base_hash or model_hash(base_arch, base)
     if base_hash != h.base_hash:
         raise WrongBaseError(
             f"diff applies to base {h.base_hash[:16]}, given base is {base_hash[:16]}"
@@ -233,7 +239,7 @@ def _decode(data: bytes, base: StateDict | None, base_hash: str | None = None) -
     view = memoryview(data)
     deltas = [_decode_entry(view, e) for e in entries]
     state = apply_deltas(base, deltas)
-    digest = model_hash(state)
+    digest = model_hash(base_arch, state)  # a diff keeps the base's architecture
     if digest != h.target_hash:
         raise TargetHashError(
             f"applying the diff gave model {digest[:16]}, the diff promises {h.target_hash[:16]}"
@@ -248,18 +254,24 @@ def _decode(data: bytes, base: StateDict | None, base_hash: str | None = None) -
 
 
 def decode_diff(
-    data: bytes, base: StateDict | None, *, max_parameters: int | None = None
+    data: bytes,
+    base: StateDict | None,
+    *,
+    base_arch: ArchSpec | None = None,
+    max_parameters: int | None = None,
 ) -> DecodedArtefact:
-    """Apply a diff to ``base`` (not modified); raises a :class:`DiffError` subclass if refused.
+    """Apply a diff to ``base`` (not modified), a model of architecture ``base_arch`` (required:
+    the base and target model hashes cover it); raises a :class:`DiffError` subclass if refused.
 
     ``max_parameters`` is accepted for the decoder registry and not needed: a diff cannot
     change the base's names or shapes, so the result is exactly as large as ``base``."""
     del max_parameters
-    return _decode(bytes(data), base)
+    return _decode(bytes(data), base, base_arch)
 
 
-def apply_chain(base: StateDict, diffs: Sequence[bytes]) -> DecodedArtefact:
-    """Apply diffs one after the other; each must apply to the previous one's result.
+def apply_chain(base: StateDict, diffs: Sequence[bytes], *, base_arch: ArchSpec) -> DecodedArtefact:
+    """Apply diffs one after the other to ``base`` (architecture ``base_arch``); each must apply
+    to the previous one's result.
 
     The result's ``base_hash`` is the first diff's base and ``model_hash`` the last target.
     """
@@ -268,7 +280,7 @@ def apply_chain(base: StateDict, diffs: Sequence[bytes]) -> DecodedArtefact:
     state, known, first = base, None, None
     for i, blob in enumerate(diffs):
         try:
-            out = _decode(bytes(blob), state, known)
+            out = _decode(bytes(blob), state, base_arch, known)
         except DiffError as exc:
             raise type(exc)(f"diff {i + 1} of {len(diffs)} in the chain: {exc}") from exc
         state, known, first = out.state, out.model_hash, first or out.base_hash

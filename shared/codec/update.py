@@ -15,7 +15,9 @@ import torch
 
 from shared.codec.arith import FP16, INT8, INT8_MAX, RAW, apply_values, to_acc
 from shared.codec.dtypes import WireDType, bits_view, from_storage, to_storage, wire_dtype
-from shared.tensors import StateDict, model_hash
+from shared.models.identity import model_hash
+from shared.models.spec import ArchSpec
+from shared.tensors import StateDict
 
 VALUE_FORMATS = ("fp32", "fp16", "int8")
 _CODING_OF_FORMAT = {"fp32": RAW, "fp16": FP16, "int8": INT8}
@@ -168,8 +170,11 @@ def make_update(
     target: StateDict,
     value_format: str = "fp32",
     dense_names: set[str] | None = None,
+    *,
+    arch: ArchSpec,
 ) -> SparseUpdate:
-    """Diff ``target`` against ``base``.
+    """Diff ``target`` against ``base``, two states of the architecture ``arch`` (a diff never
+    changes it; both model hashes cover it).
 
     Entries bitwise equal in both are not shipped. Tensors in ``dense_names`` or with
     ``dim() <= 1`` (biases, norm layers, BatchNorm counters) and all non-float tensors are
@@ -211,7 +216,7 @@ def make_update(
         target=new_state,
         residual=residual,
         value_format=value_format,
-        base_hash=model_hash(base),
-        target_hash=model_hash(new_state),
+        base_hash=model_hash(arch, base),
+        target_hash=model_hash(arch, new_state),
         num_weights=sum(int(v.numel()) for v in base.values()),
     )

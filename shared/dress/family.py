@@ -40,8 +40,9 @@ class DressFamily(ModelFamily[DressSpec]):
 
     @torch.no_grad()
     def init_from_seed(self, model: nn.Module, spec: DressSpec, seed: int) -> None:
-        # Seed-independent: an all-zero allocation (never DRESS-trained: devices run the dense
-        # model) and per-subnet norms that start like the norm layers themselves.
+        # Seed-independent, no draws from the generator (docs/seed-format.md §3, part of
+        # generator splitmix64-sha256/1): an all-zero allocation (never DRESS-trained: devices
+        # run the dense model) and per-subnet norms that start like the norm layers themselves.
         for key, tensor in model.state_dict().items():
             if self.owns(key):
                 tensor.fill_(norm_start(key.rpartition(".")[2]))

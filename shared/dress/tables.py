@@ -39,9 +39,10 @@ from shared.dress.sampling import (
     check_sparsities,
     row_order,
 )
+from shared.models.identity import model_hash
 from shared.models.spec import ArchSpec
 from shared.models.zoo import build_model
-from shared.tensors import StateDict, model_hash
+from shared.tensors import StateDict
 
 FORMAT = "dress-csr/v1"
 NORM_KEYS = ("scale", "shift")  # per-norm-layer tensors in the tables
@@ -223,7 +224,7 @@ def build_dress_tables(
         norms.append(
             NormTable(name, int(module.num_features), float(module.eps), norm_states is not None)
         )
-    result = DressTables(spec, s, tuple(tables), tuple(norms), tensors, model_hash(state_dict))
+    result = DressTables(spec, s, tuple(tables), tuple(norms), tensors, model_hash(spec, state_dict))
     validate_tables(result)
     return result
 

@@ -59,7 +59,9 @@ class ModelFamily(ABC, Generic[SpecT]):
        ``torch.device("meta")`` (shape checks build models without memory).
     3. :meth:`init_from_seed` fills the tensors the family owns, after the generic seeded
        init has filled every other tensor (it skips the family's). It must depend only on
-       ``(spec, seed)``: a device regenerates a re-initialised model from the seed alone.
+       ``(spec, seed)``: a device regenerates a re-initialised model from the seed alone, in
+       any language, so random values come from :func:`shared.models.seedgen.uniform` under
+       each tensor's own name, and the rule is documented in docs/seed-format.md §3.
     """
 
     name: ClassVar[str]

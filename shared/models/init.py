@@ -1,25 +1,37 @@
-"""Seeded weight generation that is bit-identical across machines.
+"""Seeded weight generation that is bit-identical across machines and languages.
 
-torch's own RNG streams and init functions have changed between releases, so a server and a
-device with different torch builds could disagree on "the weights for seed s". Here every
-tensor is drawn from numpy's PCG64 (whose stream numpy guarantees stable) in float64 and
-rounded once to float32, so the result depends only on (architecture spec, seed).
+torch's own RNG streams and init functions have changed between releases, and numpy's PCG64
+(the v1 generator) is specified by numpy alone, so neither lets a server and a client built
+with other tools agree on "the weights for seed s". Every value here comes from the
+counter-based generator of :mod:`shared.models.seedgen`, keyed by (seed, tensor name), and
+the rules below are normative: docs/seed-format.md spells both out byte by byte, with test
+vectors (tests/vectors/seed_v2.json). The generator's name, :data:`GENERATOR`, covers these
+rules too; a change to them needs a new name.
 
-Limits: the bit stream is stable for numpy >= 1.17 (``Generator`` API); the distributions
-mirror torch's defaults (uniform +-1/sqrt(fan_in) for weights and biases, ones/zeros for norm
-layers), not any other init scheme.
+Rules, per state-dict entry of ``build_model(arch)`` (name = its state-dict key):
+
+* any tensor of a norm layer (``BatchNorm*``): ``weight`` and ``running_var`` 1, ``bias``,
+  ``running_mean`` and ``num_batches_tracked`` 0 (no draws);
+* any other integer or bool tensor: 0;
+* any other floating tensor: ``uniform(seed, name, numel, fan_in)`` in C order, with ``fan_in``
+  = ``prod(shape[1:])`` of its own shape (``shape[0]`` for a 1-D tensor, 1 for a scalar), except
+  that a ``bias`` takes the fan-in of its module's weight (torch's default Linear/Conv init);
+* tensors a model family owns: that family's ``init_from_seed`` (DRESS: seed-independent
+  constants, shared/dress/family.py), which must draw, if it draws at all, from
+  :func:`shared.models.seedgen.uniform` under the tensor's own name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from shared.models.families import families_of
+from shared.models.seedgen import GENERATOR, check_seed, uniform
+
+__all__ = ["GENERATOR", "fan_in_of", "init_weights_from_seed", "norm_start"]
 
 
 def norm_start(leaf: str) -> float:
@@ -28,28 +40,26 @@ def norm_start(leaf: str) -> float:
     return 1.0 if leaf in ("weight", "running_var") else 0.0
 
 
-def _fan_in(shape: torch.Size) -> int:
-    return int(shape[1] * math.prod(shape[2:])) if len(shape) >= 2 else int(shape[0])
-
-
-def _stream(seed: int, name: str) -> np.random.SeedSequence:
-    words = hashlib.sha256(name.encode("utf-8")).digest()
-    return np.random.SeedSequence(seed, spawn_key=tuple(int.from_bytes(words[i : i + 4], "little") for i in (0, 4, 8, 12)))
+def fan_in_of(shape: tuple[int, ...] | torch.Size) -> int:
+    """torch's fan-in of a weight: ``prod(shape[1:])``; ``shape[0]`` for 1-D, 1 for a scalar
+    (and at least 1, so an empty tensor still has a finite bound)."""
+    if len(shape) >= 2:
+        n = int(shape[1] * math.prod(shape[2:]))
+    else:
+        n = int(shape[0]) if len(shape) == 1 else 1
+    return max(n, 1)
 
 
 @torch.no_grad()
 def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
     """Overwrite every parameter and buffer of ``model`` deterministically from ``seed``.
 
-    Each tensor draws from its own stream, keyed by the seed and the tensor's name
-    (``SeedSequence(seed, spawn_key=sha256(name))``), so the values depend neither on the order
-    in which a module happens to list its tensors (reparametrizing a weight, e.g. for pruning
-    masks, moves it after its bias) nor on which other layers exist. Tensors owned by a model
-    family of ``model.arch_spec`` are left to that family's ``init_from_seed``, which runs
-    afterwards. Returns ``model`` (modified in place).
+    Each tensor draws from its own stream, keyed by the seed and the tensor's name, so the
+    values depend neither on the order in which a module lists its tensors nor on which other
+    layers exist. Tensors owned by a model family of ``model.arch_spec`` are left to that
+    family's ``init_from_seed``, which runs afterwards. Returns ``model`` (modified in place).
     """
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+    seed = check_seed(seed)
     arch = getattr(model, "arch_spec", None)  # set by build_model
     families = families_of(arch) if arch is not None else []
     state = model.state_dict()
@@ -57,24 +67,20 @@ def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
     for name, tensor in state.items():
         if any(family.owns(name) for family, _ in families):
             continue  # the family initialises its own tensors below
-        stream = _stream(seed, name)
         owner_name, _, leaf = name.rpartition(".")
-        owner = modules[owner_name]
-        if isinstance(owner, nn.modules.batchnorm._NormBase):
+        if isinstance(modules[owner_name], nn.modules.batchnorm._NormBase):
             tensor.fill_(norm_start(leaf))
             continue
         if not tensor.is_floating_point():
             tensor.zero_()
             continue
+        shape = tensor.shape
         if leaf == "bias":
-            weight = state[f"{owner_name}.weight"] if owner_name else None
-            fan_in = _fan_in(weight.shape) if weight is not None else tensor.numel()
-        else:
-            fan_in = _fan_in(tensor.shape)
-        bound = 1.0 / math.sqrt(max(fan_in, 1))
-        u = np.random.Generator(np.random.PCG64(stream)).random(tensor.numel())  # [0, 1) float64
-        values = ((2.0 * u - 1.0) * bound).astype(np.float32).reshape(tuple(tensor.shape))
-        tensor.copy_(torch.from_numpy(values))
+            prefix = f"{owner_name}." if owner_name else ""
+            weight = state.get(prefix + "weight", state.get(prefix + "parametrizations.weight.original"))
+            shape = weight.shape if weight is not None else shape
+        values = uniform(seed, name, tensor.numel(), fan_in_of(shape))
+        tensor.copy_(torch.from_numpy(values).reshape(tensor.shape))
     for family, spec in families:
         family.init_from_seed(model, spec, seed)
     return model

@@ -3,7 +3,7 @@
 A safetensors file holding the delta's tensors; its ``__metadata__`` strings name the base
 model (by hash only: the base's weights are not in it), the learner and its config, how many
 local samples went in, the learner's meta and served arch, ``edgeloop.delta_hash`` (the
-:func:`shared.tensors.model_hash` of the tensors) and ``edgeloop.personal_hash``, a SHA-256 over
+:func:`shared.tensors.tensors_hash` of the tensors) and ``edgeloop.personal_hash``, a SHA-256 over
 every other metadata entry. Decoding re-derives both hashes, so a flipped byte anywhere, an
 edited entry or a delta for another base is refused with :class:`PersonalFormatError`.
 Never unpickled: safetensors only.
@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 
 from shared.models import ArchSpec
 from shared.personal.learner import LEARNER_NAME, PersonalDelta
-from shared.tensors import model_hash
+from shared.tensors import tensors_hash
 
 PERSONAL_ENCODING = "personal/v1"
 MAX_PERSONAL_BYTES = 1 << 28  # 256 MiB: far above a head or an adaptor set
@@ -81,7 +81,7 @@ def encode_personal(base_hash: str, learner: str, config: dict[str, Any], sample
         raise PersonalFormatError(f"samples must be a non-negative int, got {samples!r}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in delta.tensors.items()}
     try:
-        delta_hash = model_hash(tensors)
+        delta_hash = tensors_hash(tensors)
     except ValueError as exc:
         raise PersonalFormatError(str(exc)) from exc
     meta = {
@@ -144,7 +144,7 @@ def decode_personal(data: bytes, *, base_hash: str | None = None, learner: str |
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise PersonalFormatError(f"personal model tensors are corrupt: {exc}") from exc
     try:
-        actual = model_hash(tensors)
+        actual = tensors_hash(tensors)
     except ValueError as exc:
         raise PersonalFormatError(str(exc)) from exc
     if actual != m["delta_hash"]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 
 SPARSITIES = "0.5,0.8,0.9,0.95"
@@ -27,7 +26,7 @@ def test_budget_put_switches_the_subnet_the_server_sees(
                         EDGELOOP_AGENT_GOVERNOR_INTERVAL_S="0.2", EDGELOOP_AGENT_PROFILE_REPS="20")
     procs = [server.proc, agent]
 
-    with httpx.Client(base_url=server.api_url, timeout=30) as api:
+    with server.api() as api:
         wait_until(lambda: api.get("/samples/counts").json()["labelled"] >= SAMPLES, 60,
                    "the agent's labelled samples", procs)
         device = api.get("/devices").json()["data"][0]

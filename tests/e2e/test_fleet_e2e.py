@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
+import pytest
+
 from edge_agent.model_store import ModelStore
 from edgeloop.fleet import FleetConfig, LocalFleet, run_fleet
+from protos.edgeloop.v1 import fleet_pb2 as pb
+from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 
 
 def _installed_hash(agent_dir: Path) -> str:
@@ -21,6 +26,13 @@ def test_round_reaches_every_agent(tmp_path: Path) -> None:
     fleet = LocalFleet(cfg)
     try:
         fleet.start()
+        # TLS on both ports, as users run it: REST over https verified against the server's
+        # CA (which the agents pin), and a plaintext gRPC client is refused.
+        assert fleet.ca_file and fleet.api.base_url.scheme == "https"
+        with grpc.insecure_channel(f"127.0.0.1:{fleet.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.EdgeFleetStub(channel).Heartbeat(pb.HeartbeatRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert fleet.wait_for_labelled(3 * 300, timeout=120) == 900
         devices = fleet.get("/devices")["data"]
         assert len(devices) == 3

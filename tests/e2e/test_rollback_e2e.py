@@ -12,7 +12,6 @@ and never fetches round 2's again.
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 SAMPLES = 300
@@ -33,7 +32,7 @@ def test_a_worse_version_is_rolled_back_and_shown_in_rest(
         assert code == 200, body
         return body
 
-    with httpx.Client(base_url=server.api_url, timeout=30) as api:
+    with server.api() as api:
         def run_round(params: dict) -> dict:
             r = api.post("/rounds", json={"method": "full", "cohort": {"all": True}, "params": params})
             assert r.status_code < 400, r.text

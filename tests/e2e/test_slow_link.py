@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ import httpx
 import pytest
 
 from edge_agent.model_store import ModelStore
+from edgeloop.fleet import create_enrollment_token
+from server.domain.operators import read_bootstrap_token
 from tests.e2e.netns import create_link, destroy_link, netns_supported
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not netns_supported(), reason="needs root, ip and tc")]
@@ -50,14 +53,18 @@ def test_agent_resumes_download_after_link_cut(tmp_path: Path, wait_until) -> No
 
         server = start_server()
         ports = wait_until(lambda: ready.exists() and json.loads(ready.read_text()), 60, "server")
+        token = create_enrollment_token(f"sqlite:///{(tmp_path / 'srv' / 'edgeloop.db').resolve()}",
+                                        name="slow link", max_uses=1)
         agent_log = tmp_path / "agent.log"
         with agent_log.open("wb") as log_fh:
             agent = subprocess.Popen(
                 [*link.exec_prefix(), sys.executable, "-m", "edgeloop", "agent", "run",
                  "--server", f"{link.host_ip}:{ports['grpc_port']}", "--data-dir", str(tmp_path / "agent"),
-                 "--dataset", "fashion-mnist", "--max-samples", "50", "--status-port", "-1"],
+                 "--dataset", "fashion-mnist", "--max-samples", "50", "--status-port", "-1",
+                 "--ca-file", ports["ca_file"]],  # the server certificate lists the bind address
                 stdout=log_fh, stderr=subprocess.STDOUT,
-                env={**os.environ, "EDGELOOP_AGENT_BACKOFF_MAX_S": "2", "EDGELOOP_AGENT_CHUNK_BYTES": "65536"})
+                env={**os.environ, "EDGELOOP_AGENT_BACKOFF_MAX_S": "2", "EDGELOOP_AGENT_CHUNK_BYTES": "65536",
+                     "EDGELOOP_AGENT_ENROLLMENT_TOKEN": token})
         # Version 0 (2.7 MB at 3 Mbit/s takes ~7 s): break things while it downloads.
         agent_dir = tmp_path / "agent"
         wait_until(lambda: _part_bytes(agent_dir) > 0, 60, "the first bytes of version 0", [agent])
@@ -71,7 +78,9 @@ def test_agent_resumes_download_after_link_cut(tmp_path: Path, wait_until) -> No
         server.wait()
         server = start_server(ports["rest_port"], ports["grpc_port"])
         wait_until(lambda: ready.exists(), 60, "the server to restart", [server])
-        api = httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1")
+        api = httpx.Client(base_url=f"https://127.0.0.1:{ports['rest_port']}/api/v1",
+                           verify=ssl.create_default_context(cafile=ports["ca_file"]),
+                           headers={"Authorization": f"Bearer {read_bootstrap_token(tmp_path / 'srv')}"})
         v0 = api.get("/models").json()["data"][0]["model_hash"]
         store = ModelStore(tmp_path / "agent" / "models")
         wait_until(lambda: store.current_hash() == v0, 120, "the agent to install version 0", [agent])

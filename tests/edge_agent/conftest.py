@@ -54,15 +54,28 @@ class GrpcServer:
         from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
         from server.grpc_api.servicer import FleetServicer
 
+        self.ctx = ctx
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         pb_grpc.add_EdgeFleetServicer_to_server(
             FleetServicer(ctx.settings, ctx.factory, ctx.blobs, ctx.targets_changed), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
+        from tests.server.grpc_fleet import create_enrollment_token
+
+        self.enrollment_token = create_enrollment_token(ctx)  # what agents of these tests present
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def signing_keys(self) -> list[bytes]:
+        """The public keys the server sends at enrollment (what an enrolled agent pins)."""
+        from server import signing
+        from server.db.engine import transaction
+
+        with transaction(self.ctx.factory) as s:
+            return signing.trusted_public_keys(s)
 
     def stop(self) -> None:
         self.server.stop(0).wait(5)
@@ -97,7 +110,7 @@ def dress_model(digits):
     from edge_agent.governor import DEFAULT_PJ_PER_FLOP
     from shared.dress import DressConfig, subnet_flops, train_dress
     from shared.dress.model_state import plain_arch, store_dress_state, tables_from_state
-    from shared.tensors import model_hash
+    from shared.models import model_hash
 
     sparsities = (0.5, 0.8, 0.9, 0.95)
     arch = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64,),
@@ -118,5 +131,5 @@ def dress_model(digits):
     tables = tables_from_state(state, arch)
     energies = [subnet_flops(tables, k)["flops"] * DEFAULT_PJ_PER_FLOP * 1e-9
                 for k in range(len(sparsities))]
-    return {"arch": arch, "state": state, "hash": model_hash(state), "energies": energies,
+    return {"arch": arch, "state": state, "hash": model_hash(arch, state), "energies": energies,
             "ds": digits}

@@ -59,8 +59,12 @@ def _device_row(ctx) -> Device:
         return row
 
 
-def _agent(tmp_path, address: str, source=None, **kw) -> Agent:
-    settings = AgentSettings(server=address, data_dir=tmp_path / "agent", status_port=-1, battery=False,
+def _agent(tmp_path, server, source=None, **kw) -> Agent:
+    """An agent of ``server`` (a GrpcServer, presenting its enrollment token; or an address)."""
+    address = server if isinstance(server, str) else server.address
+    kw.setdefault("enrollment_token", getattr(server, "enrollment_token", ""))
+    # insecure: the GrpcServer of tests/edge_agent/conftest.py is plaintext (TLS: tests/server/test_tls.py).
+    settings = AgentSettings(server=address, data_dir=tmp_path / "agent", status_port=-1, battery=False, insecure=True,
                              load_budget=False, heartbeat_interval_s=0.2, backoff_initial_s=0.05,
                              backoff_max_s=0.5, upload_mode="none", **kw)
     if source is None:
@@ -75,7 +79,7 @@ def test_rollback_on_a_live_agent_is_reported_and_not_retried(server, server_ctx
     ref = ModelRunner()
     ref.load(ARCH, state0, v0)
     y = ref.predict(x)[0]
-    agent = _agent(tmp_path, server.address, DatasetShardSource(x, y, rate_per_s=float("inf"), seed=0))
+    agent = _agent(tmp_path, server, DatasetShardSource(x, y, rate_per_s=float("inf"), seed=0))
     agent.start()
     try:
         wait_until(lambda: agent.runner.model_hash == v0 and len(agent.local_data) >= N_LOCAL
@@ -119,7 +123,7 @@ def test_a_download_past_the_data_dir_budget_is_refused_and_reported(server, ser
     """max_data_dir_bytes reaches the updater: with the queue's reserve and the local data
     counted, a 51 KB artefact does not fit 128 KiB, so the agent refuses it before writing a
     byte and says why in last_error and /status."""
-    agent = _agent(tmp_path, server.address, queue_max_bytes=64 << 10, max_artefact_bytes=64 << 10,
+    agent = _agent(tmp_path, server, queue_max_bytes=64 << 10, max_artefact_bytes=64 << 10,
                    max_data_dir_bytes=128 << 10)
     agent.start()
     try:
@@ -133,7 +137,7 @@ def test_a_download_past_the_data_dir_budget_is_refused_and_reported(server, ser
 
 
 def test_a_rejected_credential_registers_again(server, server_ctx, tmp_path, wait_until):
-    agent = _agent(tmp_path, server.address)
+    agent = _agent(tmp_path, server)
     agent.start()
     try:
         first = wait_until(lambda: agent.conn.identity, 20, "registration")
@@ -176,7 +180,7 @@ def test_a_crashed_service_is_logged_and_restarted(tmp_path, caplog):
 
 def test_the_learner_is_wired_when_configured(server, server_ctx, tmp_path, monkeypatch, wait_until):
     calls: list[str | None] = []
-    agent = _agent(tmp_path, server.address, learner="head")
+    agent = _agent(tmp_path, server, learner="head")
     assert agent.learner is not None
     real = agent.learner.base_changed
     monkeypatch.setattr(agent.learner, "base_changed", lambda h=None: (calls.append(h), real(h)))

@@ -17,7 +17,7 @@ from edge_agent.daemon import Agent
 from edge_agent.model_store import ModelStore
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import DatasetShardSource
-from shared.tensors import model_hash
+from shared.models import model_hash
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,9 +30,9 @@ def _free_port() -> int:
 
 def _agent(tmp_path: Path, digits, arch=None, state=None, **overrides) -> Agent:
     if state is not None:
-        ModelStore(tmp_path / "models").install(arch, state, expected_hash=model_hash(state))
+        ModelStore(tmp_path / "models").install(arch, state, expected_hash=model_hash(arch, state))
     settings = AgentSettings(**{
-        "server": f"127.0.0.1:{_free_port()}", "data_dir": tmp_path, "status_port": 0,
+        "server": f"127.0.0.1:{_free_port()}", "data_dir": tmp_path, "status_port": 0, "insecure": True,
         "battery": False, "load_budget": False, "governor_interval_s": 0.05,
         "governor_min_dwell_s": 0.0, "profile_reps": 10, "backoff_initial_s": 5.0, **overrides})
     source = DatasetShardSource(digits.x_test, digits.y_test, rate_per_s=500, seed=0, loop=True)
@@ -179,7 +179,7 @@ def test_the_heartbeat_after_an_update_carries_the_new_models_governor_metrics(
         # A new DRESS version starts serving (as the update machine's install does) and commits.
         new_state = {k: v * 1.001 if v.is_floating_point() and k.endswith("weight") else v
                      for k, v in dress_model["state"].items()}
-        new_hash = model_hash(new_state)
+        new_hash = model_hash(dress_model["arch"], new_state)
         agent.runner.load(dress_model["arch"], new_state, new_hash)
         seen: list[tuple[str, dict]] = []
         woken = threading.Event()

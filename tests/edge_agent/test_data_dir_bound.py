@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from edge_agent.disk_budget import DataDirBudget, DiskBudgetError, tree_bytes
 from edge_agent.settings import AgentSettings
+from edge_agent.trust import TrustStore
 from edge_agent.update_state import State
 from server.db.engine import transaction
 from server.db.models import Device
@@ -65,15 +66,15 @@ def _plant_strays(agent_dir: Path) -> None:
 
 
 def test_start_up_keeps_only_the_part_being_resumed(server, server_ctx, tmp_path):
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred, cut_after=12)
+    dev = Agent(server, agent_dir, cred, cut_after=12)
     assert dev.update_to(target) is State.DOWNLOADING  # suspended, 12 KiB held
     sha = json.loads(dev.updater.state_file.read_text())["artefact_sha256"]
     dev.close()
     _plant_strays(agent_dir)
 
-    dev2 = Agent(server.address, agent_dir, cred)  # the restart
+    dev2 = Agent(server, agent_dir, cred)  # the restart
     try:
         assert _leftovers(agent_dir) == [f"{sha}.part"]
         assert (agent_dir / "downloads" / f"{sha}.part").stat().st_size == 12 * CHUNK
@@ -86,13 +87,13 @@ def test_start_up_keeps_only_the_part_being_resumed(server, server_ctx, tmp_path
 
 
 def test_a_start_up_with_nothing_to_resume_empties_downloads(server, server_ctx, tmp_path):
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred)
+    dev = Agent(server, agent_dir, cred)
     assert dev.update_to(target) is State.COMMITTED
     dev.close()
     _plant_strays(agent_dir)
-    dev2 = Agent(server.address, agent_dir, cred)
+    dev2 = Agent(server, agent_dir, cred)
     try:
         assert _strays(agent_dir) == [] and dev2.store.current_hash() == target
     finally:
@@ -102,9 +103,9 @@ def test_a_start_up_with_nothing_to_resume_empties_downloads(server, server_ctx,
 def test_every_outcome_empties_downloads(server, server_ctx, tmp_path):
     """Files that appear while the agent runs (another crash path, an operator's copy) are
     gone once the update rests: committed here, failed below."""
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred)
+    dev = Agent(server, agent_dir, cred)
     try:
         _plant_strays(agent_dir)
         assert dev.update_to(target) is State.COMMITTED
@@ -123,16 +124,16 @@ def test_a_finalised_artefact_left_by_a_crash_is_reverified_not_fetched_again(
 ):
     """Killed between finalise (part renamed to ``.artefact``) and the verify that deletes
     it: the restart keeps those bytes as the complete part and asks the server for nothing."""
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     sha, data = _artefact(server_ctx, target)
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred, cut_after=4)
+    dev = Agent(server, agent_dir, cred, cut_after=4)
     assert dev.update_to(target) is State.DOWNLOADING
     dev.close()
     part = agent_dir / "downloads" / f"{sha}.part"
     part.write_bytes(data)  # the rest arrived ...
     os.replace(part, part.with_suffix(".artefact"))  # ... and was finalised; then the kill
-    dev2 = Agent(server.address, agent_dir, cred)
+    dev2 = Agent(server, agent_dir, cred)
     try:
         assert _leftovers(agent_dir) == [f"{sha}.part"]
         assert dev2.update_to(target) is State.COMMITTED
@@ -143,12 +144,12 @@ def test_a_finalised_artefact_left_by_a_crash_is_reverified_not_fetched_again(
 
 
 def test_a_download_past_the_budget_is_refused_before_any_byte(server, server_ctx, tmp_path):
-    cred, v0 = _register(server.address)
+    cred, v0 = _register(server)
     size = _artefact_size(server_ctx, v0)
     agent_dir = tmp_path / "agent"
     queue_reserve = 3 * size
     tight = DataDirBudget(agent_dir, 3 * size + size // 2, reserved={"upload_queue.db*": queue_reserve})
-    dev = Agent(server.address, agent_dir, cred, budget=tight)
+    dev = Agent(server, agent_dir, cred, budget=tight)
     try:
         assert dev.update_to(v0) is State.FAILED
         reason = dev.machine.record.reason
@@ -160,7 +161,7 @@ def test_a_download_past_the_budget_is_refused_before_any_byte(server, server_ct
     # Room for the download and the model it installs beside the queue's share: it goes ahead.
     roomy = DataDirBudget(agent_dir, queue_reserve + size + (256 << 10),
                           reserved={"upload_queue.db*": queue_reserve})
-    dev = Agent(server.address, agent_dir, cred, budget=roomy)
+    dev = Agent(server, agent_dir, cred, budget=roomy)
     try:
         assert dev.update_to(v0) is State.COMMITTED
         assert tree_bytes(agent_dir) <= roomy.max_bytes
@@ -224,11 +225,12 @@ def _kill_point(rng: random.Random, size: int):
 
 
 def _kill_loop(server, server_ctx, tmp_path, kills: int, seed: int) -> dict:
-    cred, v0 = _register(server.address)
+    cred, v0 = _register(server)
     versions = [v0] + [_publish_next(server_ctx, seed=s) for s in (1, 2, 3)]
     size = max(_artefact_size(server_ctx, v) for v in versions)
     agent_dir = tmp_path / "agent"
     agent_dir.mkdir()
+    TrustStore(agent_dir).pin_at_enrollment(server.signing_keys)  # what its enrollment pinned
     # Three models at the peak of an install (current, previous, new) plus state files and
     # the local-data database; the part file never coexists with the third model.
     bound = 3 * size + (512 << 10)

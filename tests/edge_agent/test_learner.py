@@ -16,9 +16,8 @@ from edge_agent.model_store import ModelStore
 from edge_agent.personal_store import PersonalStore
 from edge_agent.runner import ModelRunner, PersonalModelError
 from edge_agent.settings import AgentSettings
-from shared.models import ArchSpec, build_model, init_weights_from_seed
+from shared.models import ArchSpec, build_model, init_weights_from_seed, model_hash
 from shared.personal import Learner, PersonalDelta, register_learner
-from shared.tensors import model_hash
 from shared.training import TrainConfig, train_supervised
 
 PERM = np.roll(np.arange(10), 3)  # the device's world: same images, classes named differently
@@ -38,7 +37,7 @@ def bases(digits, tiny_arch):
         train_supervised(model, digits.x_train, digits.y_train,
                          TrainConfig(epochs=8, lr=3e-3, seed=seed))
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        out.append((state, model_hash(state)))
+        out.append((state, model_hash(tiny_arch, state)))
     return out
 
 
@@ -317,6 +316,6 @@ def test_runner_refuses_a_personal_model_on_a_dress_base(bases):
                     extra={"dress": {"sparsities": [0.5, 0.9], "gamma": 0.5}})
     state = {k: v.detach().clone() for k, v in build_model(arch).state_dict().items()}
     runner = ModelRunner()
-    runner.load(arch, state, model_hash(state))
+    runner.load(arch, state, model_hash(arch, state))
     with pytest.raises(PersonalModelError, match="plain"):
         runner.set_personal(runner.model_hash, state, "p" * 64)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from edge_agent.model_store import ModelStore, ModelStoreError
-from shared.tensors import model_hash
+from shared.models import model_hash
 
 
 @pytest.fixture
-def models(make_state):
+def models(make_state, tiny_arch):
     """Three distinct real model states and their hashes."""
     states = [make_state(seed) for seed in (1, 2, 3)]
-    return [(s, model_hash(s)) for s in states]
+    return [(s, model_hash(tiny_arch, s)) for s in states]
 
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -66,7 +66,7 @@ def test_install_refuses_a_state_that_does_not_fit_the_architecture(tmp_path, ti
     extra = {**s1, "extra.weight": torch.zeros(2)}
     for state, message in ((wrong_shape, "architecture needs"), (extra, "unexpected")):
         with pytest.raises(ModelStoreError, match=message):
-            store.install(tiny_arch, state, expected_hash=model_hash(state))
+            store.install(tiny_arch, state, expected_hash=model_hash(tiny_arch, state))
     assert store.current() is None and store.installed() == []
 
 
@@ -99,7 +99,7 @@ def test_gc_keeps_current_previous_and_newest(tmp_path, tiny_arch, models, make_
     hashes = []
     for seed in range(10, 15):
         state = make_state(seed)
-        hashes.append(store.install(tiny_arch, state, expected_hash=model_hash(state)))
+        hashes.append(store.install(tiny_arch, state, expected_hash=model_hash(tiny_arch, state)))
         t = 1_000_000 + seed
         os.utime(store.model_path(hashes[-1]), (t, t))  # distinct mtimes, oldest first
     (store.models_dir / f"{hashes[0]}.safetensors.tmp-999").write_bytes(b"partial")
@@ -120,7 +120,7 @@ def test_gc_drops_rolled_back_models_first(tmp_path, tiny_arch, make_state):
     hashes = []
     for seed in range(20, 24):
         state = make_state(seed)
-        hashes.append(store.install(tiny_arch, state, expected_hash=model_hash(state)))
+        hashes.append(store.install(tiny_arch, state, expected_hash=model_hash(tiny_arch, state)))
         t = 1_000_000 + seed
         os.utime(store.model_path(hashes[-1]), (t, t))
     store.activate(hashes[2])  # hashes[3] rolled back: pointer (hashes[2], none)

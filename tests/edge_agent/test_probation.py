@@ -14,14 +14,13 @@ from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import InstalledModel
 from edge_agent.probation import ProbationConfig, accuracy, judge, untrained
 from edge_agent.runner import ModelRunner
-from shared.models import build_model, init_weights_from_seed
-from shared.tensors import model_hash
+from shared.models import build_model, init_weights_from_seed, model_hash
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(arch, state) -> InstalledModel:
-    return InstalledModel(model_hash(state), arch, state, Path("-"))
+    return InstalledModel(model_hash(arch, state), arch, state, Path("-"))
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from edge_agent.runner import ModelRunner, SubnetError
 from shared.data import load_dataset
 from shared.dress import DressConfig, SubnetMasks, subnet_flops, train_dress
 from shared.dress.model_state import plain_arch, store_dress_state
-from shared.models import ArchSpec, build_model, init_weights_from_seed
-from shared.tensors import model_hash, to_model_input
+from shared.models import ArchSpec, build_model, init_weights_from_seed, model_hash
+from shared.tensors import to_model_input
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64,),
@@ -40,7 +40,7 @@ def trained():
     model.load_state_dict({**model.state_dict(), **res.state})
     store_dress_state(model, res.allocation, res.norm_states)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"ds": ds, "res": res, "state": state, "hash": model_hash(state)}
+    return {"ds": ds, "res": res, "state": state, "hash": model_hash(ARCH, state)}
 
 
 def _runner(trained, subnet=None) -> ModelRunner:
@@ -150,7 +150,7 @@ def test_predictions_always_match_the_subnet_reported(trained):
 def test_plain_model_unaffected(make_state, tiny_arch, digits):
     state = make_state(3)
     r = ModelRunner()
-    r.load(tiny_arch, state, model_hash(state))
+    r.load(tiny_arch, state, model_hash(tiny_arch, state))
     assert not r.is_dress and r.active_subnet == -1 and r.num_subnets == 0 and r.tables is None
     model = build_model(tiny_arch)
     model.load_state_dict(state)
@@ -171,7 +171,7 @@ def test_untrained_dress_model_runs_densely(digits):
     model = init_weights_from_seed(build_model(ARCH), 1)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     r = ModelRunner()
-    r.load(ARCH, state, model_hash(state))
+    r.load(ARCH, state, model_hash(ARCH, state))
     assert r.ready and not r.is_dress and r.active_subnet == -1
     model.eval()
     with torch.no_grad():
@@ -184,7 +184,7 @@ def test_untrained_dress_model_runs_densely(digits):
 def test_swap_between_plain_and_dress(trained, make_state, tiny_arch, digits):
     r = _runner(trained, subnet=0)
     plain = make_state(4)
-    r.load(tiny_arch, plain, model_hash(plain))
+    r.load(tiny_arch, plain, model_hash(tiny_arch, plain))
     assert r.active_subnet == -1 and r.tables is None
     r.load(ARCH, trained["state"], trained["hash"])
     assert r.active_subnet == 3 and r.is_dress  # no subnet to keep: the cheapest

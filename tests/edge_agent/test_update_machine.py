@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent import update_machine
 from edge_agent.client import PermanentError, TransientError
@@ -26,12 +27,14 @@ from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import ModelStore
 from edge_agent.probation import ProbationConfig
 from edge_agent.runner import ModelRunner
+from edge_agent.trust import TrustStore
 from edge_agent.update_machine import UpdateContext, UpdateMachine
 from edge_agent.update_state import MAX_REASON, State, UpdateStateError, UpdateStateFile
 from edge_agent.updater import Updater
 from protos.edgeloop.v1 import fleet_pb2 as pb
-from shared.artefacts import encode_full_model
+from shared.artefacts import FULL_MODEL_ENCODING, encode_full_model
 from shared.models import build_model, init_weights_from_seed
+from shared.signing import raw_public_key, sign_artefact
 
 S = State
 CHUNK = 1024
@@ -46,6 +49,8 @@ class ArtefactServer:
         self.artefacts: dict[str, bytes] = {}
         self.cut_after: int | None = None
         self.requests: list[tuple[str, int]] = []
+        self.key = Ed25519PrivateKey.generate()  # signs every artefact, as the real server does
+        self.public_key = raw_public_key(self.key)
 
     def publish(self, arch, state) -> str:
         data, digest = encode_full_model(arch, state)
@@ -59,10 +64,12 @@ class ArtefactServer:
             raise PermanentError(f"NOT_FOUND: {req.target_model_hash[:12]}")
         sha = hashlib.sha256(data).hexdigest()
         offset = req.offset if req.artefact_sha256 == sha else 0
+        kid, signature = sign_artefact(self.key, artefact_sha256=sha, encoding=FULL_MODEL_ENCODING, size=len(data),
+                                       target_model_hash=req.target_model_hash, base_model_hash=None)
         yield pb.GetUpdateResponse(info=pb.UpdateInfo(
-            artefact_sha256=sha, artefact_size=len(data), encoding="model/safetensors-v1",
+            artefact_sha256=sha, artefact_size=len(data), encoding=FULL_MODEL_ENCODING,
             target_model_hash=req.target_model_hash, final_model_hash=req.target_model_hash,
-            offset=offset))
+            offset=offset, signatures=[pb.ArtefactSignature(key_id=kid, signature=signature)]))
         for n, pos in enumerate(range(offset, len(data), CHUNK)):
             if self.cut_after is not None and n >= self.cut_after:
                 self.cut_after = None
@@ -119,7 +126,9 @@ def boot(root: Path, server: ArtefactServer, local: LocalDataset, *, runner: Mod
             runner.load(current.arch, current.state, current.model_hash)
         except RuntimeError:  # as the daemon does: logged; the update machine sorts it out
             pass
-    updater = Updater(server, root, max_artefact_bytes=1 << 24, chunk_bytes=CHUNK)
+    trust = TrustStore(root)
+    trust.pin_at_enrollment([server.public_key])
+    updater = Updater(server, root, max_artefact_bytes=1 << 24, chunk_bytes=CHUNK, trust=trust)
     chain: list[str] = []
     machine = UpdateMachine(UpdateContext(updater, store, runner, local, config),
                             RecordingFile(root / "update_state.json", chain), max_resumes=max_resumes)
@@ -534,3 +543,23 @@ def test_a_new_target_does_not_wait_out_the_backoff_of_a_failed_one(world, updat
     assert service.tick() is S.FAILED and len(world["server"].requests) == 1  # backing off
     service.conn.set_target(world["good"])
     assert service.tick() is S.COMMITTED and agent.runner.model_hash == world["good"]
+
+
+def test_a_version_rolled_back_under_its_v1_hash_is_still_never_retried(world):
+    """Upgrade from the v1 model hash: the rejected model's file was collected, so the store
+    could not re-key it and the record keeps its v1 name; the migrated server names it by v2."""
+    from edge_agent.update_state import RollbackReport
+    from shared.tensors import tensors_hash
+
+    agent = _agent_on(world, world["good"])
+    v1 = tensors_hash(world["states"][world["bad"]])
+    agent.machine._save(agent.machine.record.with_rollback(RollbackReport(v1, "worse (v1 era)", 1)))
+    agent.machine.start(world["bad"])  # not recognised by name
+    assert agent.machine.run(world["bad"]) is S.FAILED
+    assert agent.chain[-3:] == ["downloading", "verifying", "failed"]
+    assert agent.store.current_hash() == agent.runner.model_hash == world["good"]  # nothing installed
+    assert agent.machine.rejected(world["bad"]).reason == "worse (v1 era)"  # the v2 name now
+    with pytest.raises(UpdateStateError, match="not retried"):
+        agent.machine.start(world["bad"])
+    again = boot(world["root"], world["server"], world["local"])
+    assert again.machine.rejected(world["bad"]) is not None and again.machine.rejected(v1) is None

@@ -19,6 +19,7 @@ from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import ModelStore
 from edge_agent.probation import ProbationConfig
 from edge_agent.runner import ModelRunner
+from edge_agent.trust import TrustStore
 from edge_agent.update_machine import UpdateContext, UpdateMachine
 from edge_agent.update_state import State, UpdateStateFile
 from edge_agent.updater import Updater
@@ -67,17 +68,19 @@ class FlakyClient(FleetClient):
 class Agent:
     """The update path of one agent, as the daemon wires it."""
 
-    def __init__(self, address: str, agent_dir: Path, credential: str, cut_after: int | None = None,
+    def __init__(self, server, agent_dir: Path, credential: str, cut_after: int | None = None,
                  max_artefact_bytes: int = 1 << 26, client_cls: type[FlakyClient] = FlakyClient,
                  budget: DataDirBudget | None = None) -> None:
-        self.client = client_cls(address, cut_after)
+        self.client = client_cls(server.address, cut_after)
+        self.trust = TrustStore(agent_dir)
+        self.trust.pin_at_enrollment(server.signing_keys)  # as Register's answer does
         self.client.credential = credential
         self.store, self.runner = ModelStore(agent_dir / "models"), ModelRunner()
         current = self.store.current()
         if current is not None:  # what the daemon does at start-up
             self.runner.load(current.arch, current.state, current.model_hash)
         self.updater = Updater(self.client, agent_dir, max_artefact_bytes=max_artefact_bytes, chunk_bytes=CHUNK,
-                               budget=budget)
+                               trust=self.trust, budget=budget)
         self.local = LocalDataset(agent_dir / "local_data.db")
         self.machine = UpdateMachine(
             UpdateContext(self.updater, self.store, self.runner, self.local, ProbationConfig()),
@@ -94,10 +97,10 @@ class Agent:
         self.local.close()
 
 
-def _register(address: str) -> tuple[str, str]:
-    client = FleetClient(address, timeout_s=10)
+def _register(server) -> tuple[str, str]:
+    client = FleetClient(server.address, timeout_s=10)
     try:
-        reg = client.register(enrollment_token=ServerSettings.model_fields["enrollment_token"].default,
+        reg = client.register(enrollment_token=server.enrollment_token,
                               hardware_id="hw-updater", name="cam", tags=[], agent_version="test")
     finally:
         client.close()
@@ -132,8 +135,8 @@ def _leftovers(agent_dir: Path) -> list[str]:
 
 
 def test_installs_the_full_model(server, server_ctx, tmp_path):
-    cred, target = _register(server.address)
-    dev = Agent(server.address, tmp_path / "agent", cred)
+    cred, target = _register(server)
+    dev = Agent(server, tmp_path / "agent", cred)
     try:
         assert not dev.runner.ready and dev.store.current() is None
         assert dev.update_to(target) is State.COMMITTED
@@ -153,11 +156,11 @@ def test_installs_the_full_model(server, server_ctx, tmp_path):
 def test_interrupted_download_resumes_after_agent_and_server_restart(
     server, server_ctx, tmp_path, start_grpc_server
 ):
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     size = _artefact_size(server_ctx, target)
     assert size > 20 * CHUNK
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred, cut_after=12)
+    dev = Agent(server, agent_dir, cred, cut_after=12)
     assert dev.update_to(target) is State.DOWNLOADING  # suspended: the link dropped
     assert "interrupted" in dev.machine.record.reason
     dev.close()
@@ -168,7 +171,7 @@ def test_interrupted_download_resumes_after_agent_and_server_restart(
     # The server restarts (new port) and the agent restarts (new objects, same data dir).
     server.stop()
     server2 = start_grpc_server()
-    dev2 = Agent(server2.address, agent_dir, cred)
+    dev2 = Agent(server2, agent_dir, cred)
     assert dev2.machine.state is State.DOWNLOADING  # resumed from update_state.json
     assert dev2.update_to(target) is State.COMMITTED
     sha, offset = dev2.client.requests[0]
@@ -180,8 +183,8 @@ def test_interrupted_download_resumes_after_agent_and_server_restart(
 
 
 def test_several_interruptions_still_end_with_the_right_model(server, server_ctx, tmp_path):
-    cred, target = _register(server.address)
-    dev = Agent(server.address, tmp_path / "agent", cred, cut_after=7)
+    cred, target = _register(server)
+    dev = Agent(server, tmp_path / "agent", cred, cut_after=7)
     try:
         for _ in range(100):
             if dev.update_to(target) is not State.DOWNLOADING:
@@ -196,9 +199,9 @@ def test_several_interruptions_still_end_with_the_right_model(server, server_ctx
 
 
 def test_corrupt_artefact_is_refused_and_the_old_model_keeps_running(server, server_ctx, tmp_path):
-    cred, v0 = _register(server.address)
+    cred, v0 = _register(server)
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred)
+    dev = Agent(server, agent_dir, cred)
     try:
         dev.update_to(v0)
         x = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
@@ -224,7 +227,7 @@ def test_corrupt_artefact_is_refused_and_the_old_model_keeps_running(server, ser
 
         # An agent restarted after the failure still runs the old model.
         dev.close()
-        dev2 = Agent(server.address, agent_dir, cred)
+        dev2 = Agent(server, agent_dir, cred)
         assert dev2.runner.model_hash == v0 and dev2.machine.state is State.FAILED
         dev2.close()
     finally:
@@ -232,9 +235,9 @@ def test_corrupt_artefact_is_refused_and_the_old_model_keeps_running(server, ser
 
 
 def test_artefact_over_the_size_limit_is_refused(server, server_ctx, tmp_path):
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     size = _artefact_size(server_ctx, target)
-    dev = Agent(server.address, tmp_path / "agent", cred, max_artefact_bytes=size - 1)
+    dev = Agent(server, tmp_path / "agent", cred, max_artefact_bytes=size - 1)
     try:
         assert dev.update_to(target) is State.FAILED
         assert "max_artefact_bytes" in dev.machine.record.reason
@@ -248,8 +251,8 @@ def test_a_worse_version_is_rolled_back_and_the_server_records_it(server, server
     """v0 labels the device's inputs perfectly (they are its own predictions); a published
     random v1 agrees with them by chance only, so probation rolls it back, and the heartbeat
     that reports it lands in the device's row."""
-    cred, v0 = _register(server.address)
-    dev = Agent(server.address, tmp_path / "agent", cred)
+    cred, v0 = _register(server)
+    dev = Agent(server, tmp_path / "agent", cred)
     try:
         dev.update_to(v0)
         x = np.random.default_rng(1).integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
@@ -279,7 +282,7 @@ def test_a_worse_version_is_rolled_back_and_the_server_records_it(server, server
 
 def test_client_upload_and_error_classification(server, server_ctx, tmp_path):
 
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     client = FleetClient(server.address, timeout_s=5)
     try:
         with pytest.raises(CredentialRejected):
@@ -315,8 +318,8 @@ def test_client_upload_and_error_classification(server, server_ctx, tmp_path):
 def test_model_that_does_not_fit_its_architecture_is_refused(server, server_ctx, tmp_path):
     """A published artefact whose tensors are not those of the spec it names (a server bug):
     the hash checks pass, so the decoder's shape check is what keeps the old model running."""
-    cred, v0 = _register(server.address)
-    dev = Agent(server.address, tmp_path / "agent", cred)
+    cred, v0 = _register(server)
+    dev = Agent(server, tmp_path / "agent", cred)
     try:
         dev.update_to(v0)
         wider = ArchSpec("mlp", (1, 28, 28), 10, hidden=(17,))
@@ -327,6 +330,38 @@ def test_model_that_does_not_fit_its_architecture_is_refused(server, server_ctx,
         assert dev.update_to(bad) is State.FAILED
         assert "architecture" in dev.machine.record.reason
         assert dev.runner.model_hash == v0 and dev.store.current_hash() == v0
+        assert dev.runner.predict(np.zeros((1, 1, 28, 28), np.uint8))[0].shape == (1,)
+    finally:
+        dev.close()
+
+
+def test_an_artefact_whose_architecture_was_edited_is_refused(server, server_ctx, tmp_path):
+    """Issue 8 fault 1: the server ships a version whose artefact has ``edgeloop.arch`` edited
+    (input_shape [1,28,28] -> [784], which builds the same tensors), tensors and claimed hash
+    unchanged, stored and signed like any artefact. The v2 model hash covers the architecture,
+    so the agent refuses it and keeps running (and feeding) its model; before v2 it installed
+    it and dropped every input."""
+    from server.domain.versions import add_artefact
+    from shared.artefacts import FULL_MODEL_ENCODING
+
+    cred, v0 = _register(server)
+    dev = Agent(server, tmp_path / "agent", cred)
+    try:
+        dev.update_to(v0)
+        v1 = _publish_next(server_ctx, seed=6)
+        _, data = _artefact(server_ctx, v1)
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        header["__metadata__"]["edgeloop.arch"] = ArchSpec("mlp", (784,), 10, hidden=(16,)).to_json()
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        edited = len(text).to_bytes(8, "little") + text + data[8 + n :]
+        with transaction(server_ctx.factory) as s:
+            art = add_artefact(s, server_ctx.blobs, edited, encoding=FULL_MODEL_ENCODING, target_hash=v1)
+            get_version(s, v1).full_artefact_sha256 = art.sha256
+        assert dev.update_to(v1) is State.FAILED
+        assert "model hash mismatch" in dev.machine.record.reason
+        assert dev.runner.model_hash == v0 and dev.store.current_hash() == v0 and dev.runner.arch == ARCH
         assert dev.runner.predict(np.zeros((1, 1, 28, 28), np.uint8))[0].shape == (1,)
     finally:
         dev.close()
@@ -353,13 +388,13 @@ def test_a_stale_part_of_the_artefact_sent_from_byte_0_is_discarded(server, serv
     and sends it from byte 0, while a stale 32 KiB ``<A>.part`` lies in downloads/ (left by an
     earlier attempt). The part must not be continued: before, every try failed with "chunk at
     offset 0, expected 32768" and cost a backoff."""
-    cred, v0 = _register(server.address)
+    cred, v0 = _register(server)
     target = _publish_next(server_ctx, seed=3)
     other_sha, other = _artefact(server_ctx, v0)
     sha, data = _artefact(server_ctx, target)
     assert len(data) > 32 * CHUNK
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred)
+    dev = Agent(server, agent_dir, cred)
     try:
         downloads = agent_dir / "downloads"
         (downloads / f"{other_sha}.part").write_bytes(other[:5 * CHUNK])
@@ -376,13 +411,13 @@ def test_a_stale_part_of_the_artefact_sent_from_byte_0_is_discarded(server, serv
 
 
 def test_the_same_artefact_restarted_from_byte_0_is_downloaded_afresh(server, server_ctx, tmp_path):
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     size = _artefact_size(server_ctx, target)
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred, cut_after=32)
+    dev = Agent(server, agent_dir, cred, cut_after=32)
     assert dev.update_to(target) is State.DOWNLOADING  # 32 KiB held
     dev.close()
-    dev2 = Agent(server.address, agent_dir, cred, client_cls=RestartingClient)
+    dev2 = Agent(server, agent_dir, cred, client_cls=RestartingClient)
     try:
         assert dev2.update_to(target) is State.COMMITTED, dev2.machine.record.reason
         sha, offset = dev2.client.requests[0]
@@ -405,12 +440,12 @@ def test_a_resume_at_an_offset_not_held_is_refused_and_discarded(server, server_
                     msg.info.offset += CHUNK
                 yield msg
 
-    cred, target = _register(server.address)
+    cred, target = _register(server)
     agent_dir = tmp_path / "agent"
-    dev = Agent(server.address, agent_dir, cred, cut_after=8)
+    dev = Agent(server, agent_dir, cred, cut_after=8)
     assert dev.update_to(target) is State.DOWNLOADING
     dev.close()
-    dev2 = Agent(server.address, agent_dir, cred, client_cls=SkewedClient)
+    dev2 = Agent(server, agent_dir, cred, client_cls=SkewedClient)
     try:
         assert dev2.update_to(target) is State.FAILED
         assert "we held 8192" in dev2.machine.record.reason

@@ -19,6 +19,7 @@ from edge_agent.local_data import LocalDataset
 from edge_agent.model_store import ModelStore
 from edge_agent.probation import ProbationConfig
 from edge_agent.runner import ModelRunner
+from edge_agent.trust import TrustStore
 from edge_agent.update_machine import UpdateContext, UpdateMachine
 from edge_agent.update_state import WORKING, State, UpdateStateFile
 from edge_agent.updater import Updater
@@ -36,7 +37,7 @@ def main(address: str, agent_dir: Path, credential: str, max_bytes: int) -> int:
     if current is not None:
         runner.load(current.arch, current.state, current.model_hash)
     updater = Updater(client, agent_dir, max_artefact_bytes=1 << 26, chunk_bytes=CHUNK,
-                      budget=DataDirBudget(agent_dir, max_bytes))
+                      trust=TrustStore(agent_dir), budget=DataDirBudget(agent_dir, max_bytes))
     local = LocalDataset(agent_dir / "local_data.db")
     machine = UpdateMachine(UpdateContext(updater, store, runner, local, ProbationConfig()),
                             UpdateStateFile(agent_dir / "update_state.json"))

@@ -3,42 +3,85 @@ share."""
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
+from server.db.engine import transaction
+from server.domain import enrollment
 from server.grpc_api.servicer import FleetServicer
 from shared.samples import encode_sample, sample_id
 
 
-class Fleet:
-    """A running gRPC server (FleetServicer on 127.0.0.1:<free port>) and a client stub."""
+@functools.lru_cache(maxsize=1)
+def session_tls():
+    """One local CA and server certificate (localhost, 127.0.0.1, ::1) per test session, made
+    by the product's own server/tls.py: TLS costs the tests a handshake, not a key generation."""
+    from server.tls import ensure_server_tls
 
-    def __init__(self, ctx, **overrides) -> None:
+    return ensure_server_tls(Path(tempfile.mkdtemp(prefix="edgeloop-test-tls-")),
+                             hostnames=["localhost", "127.0.0.1", "::1"], cert_days=30)
+
+
+class Fleet:
+    """A running gRPC server (FleetServicer on 127.0.0.1:<free port>) and a client stub, over
+    TLS with :func:`session_tls` as users run it (``tls=False``: plaintext on both sides)."""
+
+    def __init__(self, ctx, *, tls: bool = True, **overrides) -> None:
         self.ctx = ctx
         self.settings = ctx.settings.model_copy(update=overrides) if overrides else ctx.settings
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         pb_grpc.add_EdgeFleetServicer_to_server(
             FleetServicer(self.settings, ctx.factory, ctx.blobs, ctx.targets_changed), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.tls = session_tls() if tls else None
+        if self.tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self.server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials(
+                [(self.tls.key_pem, self.tls.chain_pem)]))
         assert self.port > 0
         self.server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = self.open_channel()
         self.stub = pb_grpc.EdgeFleetStub(self.channel)
+
+    def open_channel(self) -> grpc.Channel:
+        """A new channel to this server, pinning the session CA when TLS is on."""
+        if self.tls is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.tls.ca_file.read_bytes()))
 
     def close(self) -> None:
         self.channel.close()
         self.server.stop(0).wait(5)
         self.ctx.targets_changed.notify()  # wake watch handlers parked on the notifier
 
+    @property
+    def enrollment_token(self) -> str:
+        """This fleet's enrollment token (created on first use, many uses): ``register``'s default."""
+        if not hasattr(self, "_enrollment_token"):
+            self._enrollment_token = create_enrollment_token(self.ctx)
+        return self._enrollment_token
+
     def register(self, hardware_id: str = "hw-1", **kw) -> pb.RegisterResponse:
-        return self.stub.Register(pb.RegisterRequest(
-            enrollment_token=kw.pop("token", self.settings.enrollment_token), hardware_id=hardware_id, **kw),
-            timeout=10)
+        token = kw.pop("token") if "token" in kw else self.enrollment_token
+        return self.stub.Register(pb.RegisterRequest(enrollment_token=token, hardware_id=hardware_id, **kw),
+                                  timeout=10)
+
+
+def create_enrollment_token(ctx, **kw) -> str:
+    """A new enrollment token on ``ctx``'s database (``kw``: enrollment.create_token's options;
+    by default 1000 uses for a day); returns the secret."""
+    kw = {"name": "tests", "max_uses": 1000, **kw}
+    with transaction(ctx.factory) as s:
+        return enrollment.create_token(s, **kw).secret
 
 
 def md(credential: str) -> list[tuple[str, str]]:

@@ -8,18 +8,26 @@ from sqlalchemy import select
 from server.db.engine import transaction
 from server.db.models import Device
 from server.domain import devices as D
+from server.domain import enrollment
 from server.domain.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 from server.domain.versions import latest_version
+from tests.server.grpc_fleet import create_enrollment_token
 
 
 def register(ctx, hardware_id: str = "hw-1", token: str | None = None, **kw) -> tuple[str, str]:
     with transaction(ctx.factory) as s:
-        reg = D.register_device(
-            s, expected_token=ctx.settings.enrollment_token,
-            enrollment_token=ctx.settings.enrollment_token if token is None else token,
-            hardware_id=hardware_id, **kw,
-        )
+        reg = enrollment.register(s, enrollment_token=_token(ctx) if token is None else token,
+                                  hardware_id=hardware_id, **kw)
         return reg.device.id, reg.credential
+
+
+_LAST: list = [None, ""]  # (server context, its token): one token per test's context
+
+
+def _token(ctx) -> str:
+    if _LAST[0] is not ctx:
+        _LAST[:] = [ctx, create_enrollment_token(ctx)]
+    return _LAST[1]
 
 
 def auth(ctx, credential: str) -> str:
@@ -55,7 +63,7 @@ def test_register_is_idempotent_per_hardware_id_and_reissuing_revokes_the_old_cr
 
 
 def test_bad_enrollment_token_creates_nothing(server_ctx):
-    for token in ("wrong-token", "", server_ctx.settings.enrollment_token + "x"):
+    for token in ("wrong-token", "", _token(server_ctx) + "x", _token(server_ctx)[:-1]):
         with pytest.raises(UnauthenticatedError, match="enrollment token"):
             register(server_ctx, "hw-x", token=token)
     with transaction(server_ctx.factory) as s:

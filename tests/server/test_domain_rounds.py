@@ -81,8 +81,7 @@ def test_a_round_lifecycle_sets_times_progress_and_reason(server_ctx):
 
 def test_cohort_validation(server_ctx):
     with transaction(server_ctx.factory) as s:
-        dev = D.register_device(s, expected_token=server_ctx.settings.enrollment_token,
-                                enrollment_token=server_ctx.settings.enrollment_token, hardware_id="hw").device.id
+        dev = D.register_device(s, hardware_id="hw").device.id
     assert R.validate_cohort({"device_ids": [dev, dev]}) == {"device_ids": [dev]}
     assert R.validate_cohort({"tag": "site-a"}) == {"tag": "site-a"}
     for bad in ({}, {"all": False}, {"all": "yes"}, {"device_ids": []}, {"device_ids": [1]}, {"tag": ""}, {"tag": "Bad Tag"}, {"tag": "t" * 65},

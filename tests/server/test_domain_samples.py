@@ -40,8 +40,7 @@ def sample_in(x: np.ndarray, label: int | None = None, **kw) -> SampleIn:
 
 def register(ctx, hardware_id: str) -> str:
     with transaction(ctx.factory) as s:
-        return D.register_device(s, expected_token=ctx.settings.enrollment_token,
-                                 enrollment_token=ctx.settings.enrollment_token, hardware_id=hardware_id).device.id
+        return D.register_device(s, hardware_id=hardware_id).device.id
 
 
 def ingest(ctx, device_id: str, samples: list[SampleIn]):

@@ -23,8 +23,7 @@ from server.domain.versions import (
     publish_version,
 )
 from shared.artefacts import FULL_MODEL_ENCODING, decode_artefact
-from shared.models import build_model, init_weights_from_seed
-from shared.tensors import model_hash
+from shared.models import build_model, init_weights_from_seed, model_hash
 
 
 def _state(ctx, seed: int) -> dict[str, torch.Tensor]:
@@ -42,9 +41,9 @@ def test_version_zero_is_the_seeded_untrained_model(server_ctx):
         v0 = latest_version(s)
         assert v0.number == 0 and v0.method == "init" and v0.fleet_default and v0.parent_hash is None
         assert v0.reinit_seed == server_ctx.settings.init_seed
-        assert v0.model_hash == model_hash(_state(server_ctx, server_ctx.settings.init_seed))
+        assert v0.model_hash == model_hash(server_ctx.settings.arch, _state(server_ctx, server_ctx.settings.init_seed))
         arch, state = load_state(s, server_ctx.blobs, v0.model_hash)
-        assert arch == server_ctx.settings.arch and model_hash(state) == v0.model_hash
+        assert arch == server_ctx.settings.arch and model_hash(arch, state) == v0.model_hash
         art = s.get(Artefact, v0.full_artefact_sha256)
         assert art.encoding == FULL_MODEL_ENCODING and art.base_model_hash is None
         assert art.target_model_hash == v0.model_hash and art.size == server_ctx.blobs.size(art.sha256)

@@ -16,8 +16,7 @@ from server.training.policy import RoundInputs
 from shared.artefacts import decode_artefact
 from shared.data import load_dataset
 from shared.dpu import ShadowChain
-from shared.models import ArchSpec, build_model, init_weights_from_seed
-from shared.tensors import model_hash
+from shared.models import ArchSpec, build_model, init_weights_from_seed, model_hash
 from shared.training import TrainConfig, train_supervised
 
 ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64, 64))
@@ -38,7 +37,7 @@ def setup():
 def _run(setup, state=None, **params):
     data, base = setup
     p = DPUParams(epochs=2, batch_size=128, skip_if_worse=False, **params)
-    return DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+    return DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(ARCH, base), base_method="dpu",
                                        data=data, params=p, progress=lambda *a: None,
                                        state=state or DPUState(n_at_last_init=10_000)))
 
@@ -47,9 +46,9 @@ def test_diff_decodes_to_the_published_state(setup) -> None:
     _, base = setup
     out = _run(setup, k=0.02)
     assert out.model is not None and out.diff is not None
-    decoded = decode_artefact(out.diff, base)
-    assert decoded.model_hash == model_hash(out.model)
-    assert decoded.base_hash == model_hash(base)
+    decoded = decode_artefact(out.diff, base, base_arch=ARCH)
+    assert decoded.model_hash == model_hash(ARCH, out.model)
+    assert decoded.base_hash == model_hash(ARCH, base)
     changed = sum(int((out.model[n] != base[n]).sum()) for n in base if base[n].dim() > 1)
     assert changed <= out.metrics["nnz"]
 
@@ -65,8 +64,8 @@ def test_int8_values_publish_what_the_device_reconstructs_and_carry_the_error(se
     _, base = setup
     out = _run(setup, k=0.05, value_format="int8")
     assert out.model is not None
-    decoded = codec.decode_diff(out.diff, base)
-    assert decoded.model_hash == model_hash(out.model)
+    decoded = codec.decode_diff(out.diff, base, base_arch=ARCH)
+    assert decoded.model_hash == model_hash(ARCH, out.model)
     residual = out.state.residual
     assert any(float(r.abs().max()) > 0 for r in residual.values())
     # The next round absorbs the carried error where it ships values.
@@ -82,9 +81,9 @@ def test_forced_reinitialisation_ships_a_diff_against_the_seeded_weights(setup) 
         pytest.skip(f"re-initialised candidate was skipped: {out.skip_reason}")
     assert out.reinit_seed == 7
     seeded = init_weights_from_seed(build_model(ARCH), 7).state_dict()
-    assert out.diff_base_hash == model_hash(seeded)
-    decoded = decode_artefact(out.diff, seeded)
-    assert decoded.model_hash == model_hash(out.model)
+    assert out.diff_base_hash == model_hash(ARCH, seeded)
+    decoded = decode_artefact(out.diff, seeded, base_arch=ARCH)
+    assert decoded.model_hash == model_hash(ARCH, out.model)
 
 
 def test_unknown_params_are_refused() -> None:
@@ -106,7 +105,7 @@ def test_round_inputs_arrays_are_not_modified(setup) -> None:
 def test_data_doubling_starts_a_reinitialised_chain(setup) -> None:
     data, base = setup
     p = DPUParams(epochs=2, batch_size=128, skip_if_worse=False, k=0.05, init_seed=3)
-    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(ARCH, base), base_method="dpu",
                                       data=data, params=p, progress=lambda *a: None,
                                       state=DPUState(n_at_last_init=len(data.y_train) // 3)))
     assert out.model is not None
@@ -118,7 +117,7 @@ def test_data_doubling_starts_a_reinitialised_chain(setup) -> None:
         assert shadow is not None and shadow.seed == 3
     else:
         assert out.reinit_seed == 3
-        assert out.diff_base_hash == model_hash(init_weights_from_seed(build_model(ARCH), 3).state_dict())
+        assert out.diff_base_hash == model_hash(ARCH, init_weights_from_seed(build_model(ARCH), 3).state_dict())
 
 
 def _state() -> DPUState:
@@ -170,7 +169,7 @@ def test_a_skipped_round_carries_its_state(setup) -> None:
     data, base = setup
     p = DPUParams(epochs=1, batch_size=128, k=0.001, min_labelled=10**6)
     carried = _state()
-    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(ARCH, base), base_method="dpu",
                                       data=data, params=p, progress=lambda *a: None, state=carried))
     assert out.model is None and "labelled samples" in out.skip_reason
     assert out.state is carried  # nothing ran: the carried state is kept as it was
@@ -182,7 +181,7 @@ def test_a_lineage_without_carried_state_starts_the_reinit_bookkeeping(setup) ->
     reference instead of never re-initialising."""
     data, base = setup
     p = DPUParams(epochs=1, batch_size=128, skip_if_worse=False, k=0.02)
-    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(base), base_method="dpu",
+    out = DPUPolicy().run(RoundInputs(arch=ARCH, base_state=base, base_hash=model_hash(ARCH, base), base_method="dpu",
                                       data=data, params=p, progress=lambda *a: None, state=None))
     assert out.model is not None and out.reinit_seed is None and out.state.shadow is None
     assert out.state.n_at_last_init == out.metrics["n_at_last_init"] == len(data.y_train)

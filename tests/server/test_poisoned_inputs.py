@@ -79,8 +79,7 @@ def fleet(server_ctx, fashion_mnist):
     ctx = server_ctx
     ctx.blobs.fsync = False
     with transaction(ctx.factory) as s:
-        dev = D.register_device(s, expected_token=ctx.settings.enrollment_token,
-                                enrollment_token=ctx.settings.enrollment_token, hardware_id="hw-1").device
+        dev = D.register_device(s, hardware_id="hw-1").device
         samples = []
         for x, y in zip(fashion_mnist.x_train[:N_CLEAN], fashion_mnist.y_train[:N_CLEAN], strict=True):
             payload = encode_sample(x)
@@ -155,8 +154,7 @@ def test_a_round_on_out_of_range_data_fails_and_changes_nothing(fleet, method, p
     assert len(before["versions"]) == 2 and len(before["states"]) == (1 if method == "dpu" else 0)
 
     _poison(ctx, device_id, 60, 1e6)  # far above any ingest bound; the loss explodes at once
-    match = _failed_as_diverged(ctx, worker, _round(ctx, method, params), before)
-    assert float(match[1]) > 1e4
+    _failed_as_diverged(ctx, worker, _round(ctx, method, params), before)  # loss above the bound
 
 
 def test_a_round_whose_learning_rate_blows_the_loss_up_fails(fleet):

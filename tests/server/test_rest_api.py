@@ -14,11 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
 from server.api.main import MAX_BODY_BYTES, create_app
+from server.api.routes.health import metrics_registry
 from server.context import ServerContext
 from server.db.engine import transaction
-from server.db.models import Device, Sample
+from server.db.models import Device, OperatorToken, Sample
 from server.domain import devices as D
 from server.domain.errors import UnauthenticatedError
+from server.domain.operators import read_bootstrap_token
 from server.domain.samples import SampleIn, ingest_samples
 from shared.artefacts import FULL_MODEL_ENCODING, decode_artefact
 from shared.samples import encode_sample, sample_id
@@ -33,15 +35,17 @@ TOKEN = "operator-secret-token"
 # --- helpers (also used by test_rest_rounds.py) --------------------------------------------
 
 
-def make_client(ctx: ServerContext) -> TestClient:
-    return TestClient(create_app(ctx), raise_server_exceptions=True)
+def make_client(ctx: ServerContext, *, auth: bool = True) -> TestClient:
+    """A client of a fresh app over ``ctx``, sending the first-start admin token if ``auth``."""
+    app = create_app(ctx)
+    headers = {"Authorization": f"Bearer {read_bootstrap_token(ctx.settings.data_dir)}"} if auth else {}
+    return TestClient(app, raise_server_exceptions=True, headers=headers)
 
 
 def register(ctx: ServerContext, hardware_id: str, tags: list[str] | None = None) -> D.Registration:
     with transaction(ctx.factory) as s:
         return D.register_device(
-            s, expected_token=ctx.settings.enrollment_token, enrollment_token=ctx.settings.enrollment_token,
-            hardware_id=hardware_id, tags=tags or [], hardware={"cpu": "cortex-a72", "ram_mb": "4096"},
+            s, hardware_id=hardware_id, tags=tags or [], hardware={"cpu": "cortex-a72", "ram_mb": "4096"},
             agent_version="0.1.0",
         )
 
@@ -105,15 +109,32 @@ def test_healthz_and_metrics_reflect_the_fleet(server_ctx, client):
     assert m["edgeloop_rounds{status=done}"] == 0
 
 
+def _client_losing_its_database(server_ctx: ServerContext, broken: ServerContext) -> TestClient:
+    """A client of an app that started on ``server_ctx`` (first-start token and all) and then
+    lost its database (``broken``)."""
+    c = make_client(server_ctx)
+    c.app.state.ctx = broken
+    c.app.state.metrics_registry = metrics_registry(broken)
+    return c
+
+
 def test_healthz_is_503_when_the_database_is_unreachable(server_ctx, tmp_path):
     # SQLite cannot create a file in a directory that does not exist: every connect fails.
     broken = dataclasses.replace(server_ctx, engine=create_engine(f"sqlite:///{tmp_path / 'missing' / 'x.db'}"))
-    c = make_client(broken)
+    c = _client_losing_its_database(server_ctx, broken)
     resp = c.get("/healthz")
     assert resp.status_code == 503
     assert resp.json()["database"] == "unreachable"
     broken_factory = dataclasses.replace(broken, factory=type(server_ctx.factory)(broken.engine))
-    assert "edgeloop_database_up 0.0" in make_client(broken_factory).get("/metrics").text
+    # The token check needs the database too: an authenticated scrape is a 503...
+    resp = _client_losing_its_database(server_ctx, broken_factory).get("/metrics")
+    assert resp.status_code == 503 and resp.json() == {"detail": "database unreachable"}
+    # ...and a public /metrics still answers, reporting the database as down.
+    public = dataclasses.replace(broken_factory, settings=server_ctx.settings.model_copy(update={"metrics_public": True}))
+    assert "edgeloop_database_up 0.0" in _client_losing_its_database(server_ctx, public).get("/metrics").text
+    # A mutating call is refused before anything runs: its audit record cannot be written.
+    resp = _client_losing_its_database(server_ctx, broken_factory).post("/api/v1/rounds", json={"cohort": {"all": True}})
+    assert resp.status_code == 503 and "nothing was changed" in resp.json()["detail"]
 
 
 # --- auth, limits, malformed requests ------------------------------------------------------
@@ -129,11 +150,10 @@ def _api_routes(client: TestClient) -> list[tuple[str, str]]:
     ]
 
 
-def test_operator_token_guards_every_api_route(server_ctx):
-    ctx = dataclasses.replace(server_ctx, settings=server_ctx.settings.model_copy(update={"operator_token": TOKEN}))
-    c = make_client(ctx)
+def test_every_api_route_refuses_a_missing_or_wrong_token(server_ctx):
+    c = make_client(server_ctx, auth=False)
     routes = _api_routes(c)
-    assert len(routes) >= 15
+    assert len(routes) >= 18
     for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"}):
             resp = c.request(method, path, headers=headers, json={})
@@ -141,13 +161,27 @@ def test_operator_token_guards_every_api_route(server_ctx):
             assert resp.json()["detail"] in ("invalid operator token",
                                              "missing operator token (header 'Authorization: Bearer <token>')")
             assert resp.headers["www-authenticate"] == "Bearer"
+    # Only /healthz and the API's own description are open; /metrics needs a token by default.
+    for open_path in ("/healthz", "/openapi.json", "/docs"):
+        assert c.get(open_path).status_code == 200, open_path
+    assert c.get("/metrics").status_code == 401
+
+
+def test_the_provisioned_operator_token_is_an_admin_token_stored_hashed(server_ctx):
+    ctx = dataclasses.replace(server_ctx, settings=server_ctx.settings.model_copy(update={"operator_token": TOKEN}))
+    c = make_client(ctx, auth=False)
     ok = {"Authorization": f"Bearer {TOKEN}"}
     assert c.get("/api/v1/devices", headers=ok).status_code == 200
     assert c.get("/api/v1/devices/nope", headers=ok).status_code == 404
-    for open_path in ("/healthz", "/metrics", "/openapi.json", "/docs"):
-        assert c.get(open_path).status_code == 200, open_path
-    # Without a configured token the API is open (development).
-    assert make_client(server_ctx).get("/api/v1/devices").status_code == 200
+    listed = {t["id"]: t for t in c.get("/api/v1/tokens", headers=ok).json()["data"]}
+    assert listed["env"]["name"] == "env-admin" and listed["env"]["scope"] == "admin"
+    with ctx.factory() as s:
+        assert s.get(OperatorToken, "env").secret_hash == hashlib.sha256(TOKEN.encode()).hexdigest()
+    # A new value replaces the old one at the next start.
+    rotated = dataclasses.replace(ctx, settings=ctx.settings.model_copy(update={"operator_token": TOKEN + "-2"}))
+    c2 = make_client(rotated, auth=False)
+    assert c2.get("/api/v1/devices", headers=ok).status_code == 401
+    assert c2.get("/api/v1/devices", headers={"Authorization": f"Bearer {TOKEN}-2"}).status_code == 200
 
 
 def test_oversized_and_malformed_bodies_are_refused_and_change_nothing(server_ctx, client):
@@ -222,15 +256,12 @@ def test_device_list_detail_status_patch_and_revoke(server_ctx, client):
         assert D.authenticate(s, regs[1].credential).id == ids[1]
     # Revocation sticks: the enrollment token does not bring the device back ...
     with server_ctx.factory() as s, s.begin(), pytest.raises(UnauthenticatedError, match="revoked"):
-        D.register_device(s, expected_token=server_ctx.settings.enrollment_token,
-                          enrollment_token=server_ctx.settings.enrollment_token, hardware_id=regs[0].device.hardware_id)
+        D.register_device(s, hardware_id=regs[0].device.hardware_id)
     # ... until an operator restores it; then it registers with a fresh credential.
     restored = client.post(f"/api/v1/devices/{dev}/restore")
     assert restored.status_code == 200 and restored.json()["revoked"] is False
     with server_ctx.factory() as s, s.begin():
-        again = D.register_device(s, expected_token=server_ctx.settings.enrollment_token,
-                                  enrollment_token=server_ctx.settings.enrollment_token,
-                                  hardware_id=regs[0].device.hardware_id)
+        again = D.register_device(s, hardware_id=regs[0].device.hardware_id)
         assert again.device.id == dev and again.credential != regs[0].credential
     with server_ctx.factory() as s, pytest.raises(UnauthenticatedError):
         D.authenticate(s, regs[0].credential)

@@ -11,8 +11,7 @@ from server.domain.samples import LabelledData
 from server.training.dpu import DPUParams, DPUPolicy
 from server.training.full import FullParams, FullRetrainPolicy
 from server.training.policy import RoundInputs
-from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed
-from shared.tensors import model_hash
+from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed, model_hash
 
 SMALL_CNN = ArchSpec("cnn", (1, 28, 28), 10, hidden=(32,), channels=(8, 16))
 DRESS_CNN = ArchSpec("cnn", (1, 28, 28), 10, hidden=(32,), channels=(8, 16),
@@ -28,7 +27,7 @@ def _inputs(arch: ArchSpec, data: LabelledData, params) -> tuple[RoundInputs, di
     """A round on version 0 (seeded, untrained weights), recording progress calls."""
     v0 = init_weights_from_seed(build_model(arch), 0).state_dict()
     calls: list[tuple[int, int]] = []
-    inputs = RoundInputs(arch=arch, base_state=v0, base_hash=model_hash(v0), base_method="init",
+    inputs = RoundInputs(arch=arch, base_state=v0, base_hash=model_hash(arch, v0), base_method="init",
                          data=data, params=params, progress=lambda s, t, m: calls.append((s, t)))
     return inputs, {"v0": v0, "progress": calls}
 

@@ -26,8 +26,7 @@ def fleet(server_ctx, fashion_mnist):
     ctx = server_ctx
     ctx.blobs.fsync = False  # 400 fsyncs buy nothing in a throwaway test directory
     with transaction(ctx.factory) as s:
-        dev = D.register_device(s, expected_token=ctx.settings.enrollment_token,
-                                enrollment_token=ctx.settings.enrollment_token, hardware_id="hw-1").device
+        dev = D.register_device(s, hardware_id="hw-1").device
         samples = []
         for x, y in zip(fashion_mnist.x_train[:N_LABELLED], fashion_mnist.y_train[:N_LABELLED], strict=True):
             payload = encode_sample(x)

@@ -16,6 +16,7 @@ from shared.artefacts import decode_artefact, encode_full_model
 from shared.codec import (
     DIFF_ENCODING,
     VALUE_FORMATS,
+    DiffError,
     WrongBaseError,
     apply_chain,
     binary_entropy,
@@ -26,8 +27,16 @@ from shared.codec import (
     read_header,
     size_breakdown,
 )
-from shared.models import build_model, default_spec, init_weights_from_seed
-from shared.tensors import model_hash
+from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed, model_hash
+
+# The codec hashes the architecture it is given with the tensors (a diff keeps its base's
+# architecture); it does not build the model, so these states need not fit it.
+ARCH = ArchSpec("mlp", (4,), 4, hidden=())
+
+
+def mhash(state) -> str:
+    return model_hash(ARCH, state)
+
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DTYPES = FLOATS + (torch.int64, torch.int32, torch.uint8, torch.bool)
@@ -74,7 +83,7 @@ def state_pairs(draw):
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
-    assert model_hash(a) == model_hash(b)
+    assert mhash(a) == mhash(b)
 
 
 @settings(max_examples=40, deadline=None)
@@ -82,11 +91,11 @@ def _assert_same_state(a: dict, b: dict) -> None:
 def test_round_trip_is_bit_exact(pair, value_format):
     base, target = pair
     base_copy = {k: v.clone() for k, v in base.items()}
-    update = make_update(base, target, value_format)
-    blob = encode_update(update, model_hash(base))
-    out = decode_diff(blob, base)
-    assert out.model_hash == update.target_hash == model_hash(update.target)
-    assert out.base_hash == model_hash(base)
+    update = make_update(base, target, value_format, arch=ARCH)
+    blob = encode_update(update, mhash(base))
+    out = decode_diff(blob, base, base_arch=ARCH)
+    assert out.model_hash == update.target_hash == mhash(update.target)
+    assert out.base_hash == mhash(base)
     _assert_same_state(out.state, update.target)
     _assert_same_state(update.apply(base), update.target)
     _assert_same_state(base, base_copy)  # decoding does not touch the base
@@ -123,28 +132,35 @@ def _mlp_pair(k: float, seed: int = 0):
 @pytest.mark.parametrize("value_format", VALUE_FORMATS)
 def test_mlp_diff_decodes_through_the_registry(value_format):
     base, target = _mlp_pair(0.01)
-    update = make_update(base, target, value_format)
-    blob = encode_update(update, model_hash(base))
-    out = decode_artefact(blob, base)
+    arch = default_spec("mlp", (1, 28, 28), 10)
+    update = make_update(base, target, value_format, arch=arch)
+    blob = encode_update(update, model_hash(arch, base))
+    out = decode_artefact(blob, base, base_arch=arch)
     assert out.encoding == DIFF_ENCODING
     assert out.model_hash == update.target_hash
     head = read_header(blob)
     assert (head.base_hash, head.target_hash, head.total_bytes) == (
-        model_hash(base),
+        model_hash(arch, base),
         update.target_hash,
         len(blob),
     )
     assert {t.name for t in head.tensors} == set(update.deltas)
     assert sum(t.nnz for t in head.tensors if t.layout == "sparse") <= update.nnz
+    # The base's architecture is part of its identity: the same tensors under an MLP over
+    # [784] inputs are another model, which this diff does not apply to.
+    flat = default_spec("mlp", (784,), 10)
+    with pytest.raises(WrongBaseError):
+        decode_artefact(blob, base, base_arch=flat)
+    with pytest.raises(DiffError, match="architecture"):
+        decode_artefact(blob, base)
     # full models still decode: the diff sniffer must not shadow safetensors
-    arch = default_spec("mlp", (1, 28, 28), 10)
     full, digest = encode_full_model(arch, base)
     assert decode_artefact(full).model_hash == digest
 
 
 def test_quantised_residuals_are_bounded_by_half_a_step():
     base, target = _mlp_pair(0.02, seed=3)
-    update = make_update(base, target, "int8")
+    update = make_update(base, target, "int8", arch=ARCH)
     for name, d in update.deltas.items():
         if d.coding != "int8":
             continue
@@ -158,7 +174,7 @@ def test_quantised_residuals_are_bounded_by_half_a_step():
 def test_int8_apply_matches_an_independent_float32_computation():
     """The decoder's arithmetic equals plain torch float32 ops: base + float(q) * scale."""
     base, target = _mlp_pair(0.05, seed=5)
-    update = make_update(base, target, "int8")
+    update = make_update(base, target, "int8", arch=ARCH)
     d = update.deltas["net.3.weight"]
     assert d.coding == "int8"
     idx = torch.from_numpy(d.indices)
@@ -171,7 +187,7 @@ def test_int8_apply_matches_an_independent_float32_computation():
 
 def test_dense_names_and_low_rank_tensors_are_exact():
     base, target = _mlp_pair(0.05, seed=1)
-    update = make_update(base, target, "fp16", dense_names={"net.3.weight"})
+    update = make_update(base, target, "fp16", dense_names={"net.3.weight"}, arch=ARCH)
     assert update.deltas["net.3.weight"].coding == "raw"
     assert torch.equal(update.target["net.3.weight"], target["net.3.weight"])
     assert update.deltas["net.1.weight"].coding == "fp16"
@@ -184,8 +200,8 @@ def test_error_feedback_drives_the_agent_to_the_target():
     errors = []
     intended = target
     for _ in range(4):
-        update = make_update(state, intended, "int8")
-        state = decode_diff(encode_update(update, model_hash(state)), state).state
+        update = make_update(state, intended, "int8", arch=ARCH)
+        state = decode_diff(encode_update(update, mhash(state)), state, base_arch=ARCH).state
         errors.append(max(float((target[n] - state[n]).abs().max()) for n in target))
         intended = {n: (state[n].double() + update.residual[n].double()).float() for n in state}
     assert errors[-1] < errors[0] / 50
@@ -203,9 +219,9 @@ def test_cnn_with_batchnorm_buffers_round_trips():
             target[name] = t + 0.1
         elif name.endswith("num_batches_tracked"):
             target[name] = t + 7
-    update = make_update(base, target, "int8")
-    blob = encode_update(update, model_hash(base))
-    out = decode_diff(blob, base)
+    update = make_update(base, target, "int8", arch=ARCH)
+    blob = encode_update(update, mhash(base))
+    out = decode_diff(blob, base, base_arch=ARCH)
     assert out.model_hash == update.target_hash
     layouts = {t.name: (t.layout, t.value_coding) for t in read_header(blob).tensors}
     assert layouts["features.1.running_mean"] == ("dense", "raw")
@@ -223,48 +239,48 @@ def test_special_values_ship_raw():
         "h": torch.full((2, 2), 7e4).half(),
     }
     for fmt in VALUE_FORMATS:
-        update = make_update(base, target, fmt)
-        out = decode_diff(encode_update(update, model_hash(base)), base)
-        assert out.model_hash == model_hash(target)
+        update = make_update(base, target, fmt, arch=ARCH)
+        out = decode_diff(encode_update(update, mhash(base)), base, base_arch=ARCH)
+        assert out.model_hash == mhash(target)
 
 
 def test_unchanged_state_costs_only_the_frame():
     base, _ = _mlp_pair(0.01)
-    update = make_update(base, base)
-    blob = encode_update(update, model_hash(base))
+    update = make_update(base, base, arch=ARCH)
+    blob = encode_update(update, mhash(base))
     assert update.nnz == 0 and len(blob) <= 80
-    assert decode_diff(blob, base).model_hash == model_hash(base)
+    assert decode_diff(blob, base, base_arch=ARCH).model_hash == mhash(base)
 
 
 def test_apply_chain_follows_the_versions():
     v0 = _mlp_base(7)
     v1 = _dpu_target(v0, 0.01, seed=8)
     v2 = _dpu_target(v1, 0.01, seed=9)
-    d1 = encode_update(make_update(v0, v1), model_hash(v0))
-    d2 = encode_update(make_update(v1, v2), model_hash(v1))
-    out = apply_chain(v0, [d1, d2])
-    assert out.model_hash == model_hash(v2) and out.base_hash == model_hash(v0)
+    d1 = encode_update(make_update(v0, v1, arch=ARCH), mhash(v0))
+    d2 = encode_update(make_update(v1, v2, arch=ARCH), mhash(v1))
+    out = apply_chain(v0, [d1, d2], base_arch=ARCH)
+    assert out.model_hash == mhash(v2) and out.base_hash == mhash(v0)
     assert out.meta["chain_length"] == "2"
     with pytest.raises(WrongBaseError, match="diff 1 of 2"):
-        apply_chain(v0, [d2, d1])
+        apply_chain(v0, [d2, d1], base_arch=ARCH)
 
 
 def test_make_update_validates_inputs():
     a = {"w": torch.zeros(3)}
     with pytest.raises(ValueError, match="value_format"):
-        make_update(a, a, "int4")
+        make_update(a, a, "int4", arch=ARCH)
     with pytest.raises(ValueError, match="only in target"):
-        make_update(a, {"w": torch.zeros(3), "x": torch.zeros(1)})
+        make_update(a, {"w": torch.zeros(3), "x": torch.zeros(1)}, arch=ARCH)
     with pytest.raises(ValueError, match="float16"):
-        make_update(a, {"w": torch.zeros(3, dtype=torch.float16)})
+        make_update(a, {"w": torch.zeros(3, dtype=torch.float16)}, arch=ARCH)
     with pytest.raises(ValueError, match="dense_names"):
-        make_update(a, a, dense_names={"nope"})
+        make_update(a, a, dense_names={"nope"}, arch=ARCH)
     with pytest.raises(ValueError, match="complex64"):
         make_update(
             {"c": torch.zeros(2, dtype=torch.complex64)},
-            {"c": torch.zeros(2, dtype=torch.complex64)},
+            {"c": torch.zeros(2, dtype=torch.complex64)}, arch=ARCH
         )
-    update = make_update(a, {"w": torch.ones(3)})
+    update = make_update(a, {"w": torch.ones(3)}, arch=ARCH)
     with pytest.raises(ValueError, match="base_hash"):
         encode_update(update, "0" * 64)
 
@@ -284,8 +300,8 @@ def test_sizes_meet_the_targets_against_the_paper_accounting(shape):
             )
         }
         for fmt, budget in (("fp32", 1.1), ("int8", 0.5)):
-            update = make_update(base, target, fmt)
-            blob = encode_update(update, model_hash(base))
+            update = make_update(base, target, fmt, arch=ARCH)
+            blob = encode_update(update, mhash(base))
             kk = update.density
             assert size_breakdown(blob)["indices"] * 8 <= 1.05 * binary_entropy(kk) * num, (k, fmt)
             assert len(blob) * 8 <= budget * ideal_paper_bits(kk, num), (k, fmt, len(blob))
@@ -305,7 +321,7 @@ def test_the_spec_examples_are_what_the_code_produces(fmt):
     target["fc.weight"][0, 2] = 1.5
     target["fc.weight"][2, 1] = -0.25
     target["fc.bias"][1] = 0.5
-    blob = encode_update(make_update(base, target, fmt), model_hash(base))
+    blob = encode_update(make_update(base, target, fmt, arch=ARCH), mhash(base))
     block = re.search(rf"<!-- example:{fmt} -->\s*```\n(.*?)```", DOC.read_text(), re.S)
     assert block is not None
     assert bytes.fromhex("".join(block.group(1).split())) == blob

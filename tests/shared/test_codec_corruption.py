@@ -54,7 +54,16 @@ from shared.codec.wire import (
     Section,
     write_entry,
 )
-from shared.tensors import model_hash
+from shared.models import ArchSpec, model_hash
+
+# The codec hashes the architecture it is given (a diff keeps its base's); it does not build
+# the model, so these tensors need not fit it.
+ARCH = ArchSpec("mlp", (40,), 40, hidden=(48,))
+
+
+def mhash(state) -> str:
+    return model_hash(ARCH, state)
+
 
 F32, I64, BOOL = BY_TORCH[torch.float32], BY_TORCH[torch.int64], BY_TORCH[torch.bool]
 
@@ -83,24 +92,24 @@ def _target(base: dict) -> dict:
 
 @pytest.fixture(params=["fp32", "int8"])
 def diff(request, base) -> bytes:
-    update = make_update(base, _target(base), request.param)
-    return encode_update(update, model_hash(base))
+    update = make_update(base, _target(base), request.param, arch=ARCH)
+    return encode_update(update, mhash(base))
 
 
 def _refused(
     data: bytes, base: dict, error: type[DiffError] = DiffError, match: str | None = None
 ) -> None:
-    before = model_hash(base)
+    before = mhash(base)
     with pytest.raises(error, match=match):
-        decode_diff(data, base)
-    assert model_hash(base) == before
+        decode_diff(data, base, base_arch=ARCH)
+    assert mhash(base) == before
 
 
 def test_the_fixture_diff_has_every_section(diff, base):
     sizes = size_breakdown(diff)
     assert all(sizes[k] > 0 for k in ("header", "table", "indices", "values", "dense", "checksum"))
     assert issubclass(DiffError, ArtefactError)
-    assert decode_diff(diff, base).model_hash == read_header(diff).target_hash
+    assert decode_diff(diff, base, base_arch=ARCH).model_hash == read_header(diff).target_hash
 
 
 def test_every_flipped_byte_is_refused(diff, base):
@@ -126,8 +135,10 @@ def test_wrong_base_is_refused(diff, base):
     other["a.weight"][0, 0] += 1
     _refused(diff, other, WrongBaseError)
     _refused(diff, {k: v for k, v in base.items() if k != "mask"}, WrongBaseError)
+    with pytest.raises(WrongBaseError):  # the same tensors as a model of another architecture
+        decode_diff(diff, base, base_arch=ArchSpec("mlp", (1, 40), 40, hidden=(48,)))
     with pytest.raises(DiffError, match="needs the base"):
-        decode_diff(diff, None)
+        decode_diff(diff, None, base_arch=ARCH)
 
 
 def test_unknown_version_and_flags_are_refused(diff, base):
@@ -152,7 +163,7 @@ def _assemble(
     body = (
         MAGIC
         + bytes([1, 0])
-        + bytes.fromhex(model_hash(base))
+        + bytes.fromhex(mhash(base))
         + bytes.fromhex(target_hash)
         + write_varint(len(entries))
         + write_varint(len(table))
@@ -201,13 +212,13 @@ def _good(base: dict) -> tuple[Entry, bytes, str]:
     target = {k: v.clone() for k, v in base.items()}
     target["a.weight"].view(-1)[positions] = torch.from_numpy(values)
     e, stored = _sparse_entry(positions, values)
-    return e, stored, model_hash(target)
+    return e, stored, mhash(target)
 
 
 def test_hand_built_diff_decodes(base):
     """Positive control: the builder below makes valid diffs, so refusals are meaningful."""
     e, stored, target_hash = _good(base)
-    assert decode_diff(_assemble(base, [(e, stored)], target_hash), base).model_hash == target_hash
+    assert decode_diff(_assemble(base, [(e, stored)], target_hash), base, base_arch=ARCH).model_hash == target_hash
     _refused(_assemble(base, [(e, stored)]), base, TargetHashError)
 
 

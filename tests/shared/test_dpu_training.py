@@ -20,7 +20,7 @@ from shared.dpu import (
 from shared.dpu.steps import Candidate
 from shared.dpu.update import ShadowChain, _advance_shadow
 from shared.models import ArchSpec, build_model, init_weights_from_seed
-from shared.tensors import clone_state, model_hash, to_model_input
+from shared.tensors import clone_state, tensors_hash, to_model_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -65,7 +65,7 @@ def test_mask_has_exactly_k_i_ones_and_rewound_weights_equal_w_bit_for_bit(
     assert r.nnz == num_selected(0.05, r.num_partial) == sum(int(m.sum()) for m in r.mask.values())
     assert r.k_effective == pytest.approx(0.05, abs=1 / r.num_partial)
     assert not r.skipped and r.val_accuracy > r.base_val_accuracy
-    assert model_hash(r.diff_base) == model_hash(deployed)
+    assert tensors_hash(r.diff_base) == tensors_hash(deployed)
     changed = 0
     for name in r.partial_names:
         keep = r.mask[name]
@@ -75,7 +75,7 @@ def test_mask_has_exactly_k_i_ones_and_rewound_weights_equal_w_bit_for_bit(
     # Biases are updated densely.
     assert not torch.equal(r.state["net.1.bias"], deployed["net.1.bias"])
     # The model holds the shipped state afterwards.
-    assert model_hash(clone_state(model.state_dict())) == model_hash(r.state)
+    assert tensors_hash(clone_state(model.state_dict())) == tensors_hash(r.state)
 
 
 def test_dpu_beats_random_partial_updating(digits, deployed):
@@ -155,15 +155,15 @@ def test_skip_if_worse_ships_nothing_and_says_why(digits, deployed):
     assert r.skipped and r.action == "skip"
     assert "does not beat the deployed" in r.skip_reason
     assert r.val_accuracy <= r.base_val_accuracy
-    assert model_hash(r.state) == model_hash(deployed)
-    assert model_hash(clone_state(model.state_dict())) == model_hash(deployed)
+    assert tensors_hash(r.state) == tensors_hash(deployed)
+    assert tensors_hash(clone_state(model.state_dict())) == tensors_hash(deployed)
     assert r.reinit_seed is None
 
 
 def test_forced_reinitialisation_is_reproducible_and_recorded(digits, deployed):
     model = _mlp()
-    assert model_hash(seeded_state(model, 7)) == model_hash(seeded_state(_mlp(5), 7))
-    assert model_hash(seeded_state(model, 7)) != model_hash(seeded_state(model, 8))
+    assert tensors_hash(seeded_state(model, 7)) == tensors_hash(seeded_state(_mlp(5), 7))
+    assert tensors_hash(seeded_state(model, 7)) != tensors_hash(seeded_state(model, 8))
     runs = [
         partial_update(
             _mlp(),
@@ -179,10 +179,10 @@ def test_forced_reinitialisation_is_reproducible_and_recorded(digits, deployed):
         for _ in range(2)
     ]
     r = runs[0]
-    assert model_hash(r.state) == model_hash(runs[1].state)  # same data and seed -> same bits
+    assert tensors_hash(r.state) == tensors_hash(runs[1].state)  # same data and seed -> same bits
     # 4.5x the data of the deployed model: the re-initialised candidate wins and is shipped.
     assert not r.skipped and r.reinit_seed == 7 and r.reinit_started
-    assert model_hash(r.diff_base) == model_hash(seeded_state(model, 7))
+    assert tensors_hash(r.diff_base) == tensors_hash(seeded_state(model, 7))
     assert r.nnz == num_selected(0.2, r.num_partial)
     for name in r.partial_names:
         keep = r.mask[name]
@@ -201,9 +201,9 @@ def test_shadow_chain_starts_when_data_doubles_and_trains_next_to_the_deployed_c
     assert r1.reinit_started and r1.next_n_at_last_init(200) == 500
     assert r1.reinit_seed is None and r1.shadow is not None
     assert r1.shadow.seed == 3 and r1.shadow.rounds == 1
-    assert r1.skipped or model_hash(r1.diff_base) == model_hash(deployed)
-    shadow_before = model_hash(r1.shadow.state)
-    assert shadow_before != model_hash(seeded_state(_mlp(), 3))  # its biases trained
+    assert r1.skipped or tensors_hash(r1.diff_base) == tensors_hash(deployed)
+    shadow_before = tensors_hash(r1.shadow.state)
+    assert shadow_before != tensors_hash(seeded_state(_mlp(), 3))  # its biases trained
     r2 = partial_update(
         _mlp(), r1.state, digits.x_train[:700], digits.y_train[:700], digits.x_test,
         digits.y_test, _cfg(k=0.05, epochs=2), n_at_last_init=500, shadow=r1.shadow,
@@ -211,7 +211,7 @@ def test_shadow_chain_starts_when_data_doubles_and_trains_next_to_the_deployed_c
     assert not r2.reinit_started and r2.next_n_at_last_init(500) == 500
     assert r2.steps == 2 * 2 * 2 * 22  # two candidates, two steps, 2 epochs of 22 batches
     if r2.reinit_seed is None:  # the deployed chain won this round
-        assert r2.shadow.rounds == 2 and model_hash(r2.shadow.state) != shadow_before
+        assert r2.shadow.rounds == 2 and tensors_hash(r2.shadow.state) != shadow_before
     else:
         assert r2.shadow is None and r2.reinit_seed == 3
     # The rule firing again replaces the running shadow chain.
@@ -237,7 +237,7 @@ def test_shadow_promotion_ships_every_weight_the_chain_moved():
         model, shadow, Candidate(trained, {}, {}, 0.90), warm, beats, 0.75, names, []
     )
     assert left is None and seed == 7
-    assert model_hash(chosen.diff_base) == model_hash(seeded)
+    assert tensors_hash(chosen.diff_base) == tensors_hash(seeded)
     assert (
         int(chosen.mask["net.1.weight"].sum()) == 3 and int(chosen.mask["net.3.weight"].sum()) == 1
     )
@@ -256,7 +256,7 @@ def test_losing_reinitialisation_falls_back_to_the_deployed_weights(digits, depl
     assert r.reinit_started and r.reinit_seed is None and r.shadow is None
     assert "retrained from the deployed weights" in r.notes[0]
     assert r.next_n_at_last_init(200) == 500  # next attempt once the data doubles again
-    assert r.skipped or model_hash(r.diff_base) == model_hash(deployed)
+    assert r.skipped or tensors_hash(r.diff_base) == tensors_hash(deployed)
 
 
 def test_no_reinit_below_twice_the_data(digits, deployed):

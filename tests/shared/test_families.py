@@ -10,7 +10,6 @@ import textwrap
 from importlib import metadata
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -30,10 +29,12 @@ from shared.models import (
     inference_engine,
     init_weights_from_seed,
     installed_families,
+    model_hash,
     register_family,
 )
+from shared.models.seedgen import uniform
 from shared.objectives import CrossEntropyObjective, objective_for
-from shared.tensors import model_hash
+from shared.tensors import tensors_hash
 
 
 class ToySectionError(ValueError):
@@ -65,8 +66,8 @@ class ToyFamily(ModelFamily[int]):
 
     @torch.no_grad()
     def init_from_seed(self, model: nn.Module, spec: int, seed: int) -> None:
-        values = np.random.Generator(np.random.PCG64([seed, 99])).random(spec).astype(np.float32)
-        model.toy.scale.copy_(torch.from_numpy(values))
+        # the family contract: random values from the documented generator, under the tensor's name
+        model.toy.scale.copy_(torch.from_numpy(uniform(seed, "toy.scale", spec, fan_in=1)))
 
 
 TOY = register_family(ToyFamily())
@@ -102,8 +103,8 @@ def test_attach_adds_the_family_buffer_to_the_backbone() -> None:
 
 def test_seeded_init_is_deterministic_and_leaves_the_family_its_tensors() -> None:
     a, b, c = _seeded(ARCH, 5), _seeded(ARCH, 5), _seeded(ARCH, 6)
-    assert model_hash(a) == model_hash(b) and model_hash(a) != model_hash(c)
-    expected = np.random.Generator(np.random.PCG64([5, 99])).random(3).astype(np.float32)
+    assert tensors_hash(a) == tensors_hash(b) and tensors_hash(a) != tensors_hash(c)
+    expected = uniform(5, "toy.scale", 3, fan_in=1)
     assert torch.equal(a["toy.scale"], torch.from_numpy(expected))  # the family's init, not the generic one
     backbone = _seeded(BACKBONE, 5)
     assert all(torch.equal(a[k], v) for k, v in backbone.items())  # the family does not disturb it
@@ -113,7 +114,7 @@ def test_family_model_round_trips_through_an_artefact() -> None:
     state = _seeded(ARCH, 2)
     data, digest = encode_full_model(ARCH, state)
     decoded = decode_artefact(data)
-    assert decoded.arch == ARCH and decoded.model_hash == digest == model_hash(state)
+    assert decoded.arch == ARCH and decoded.model_hash == digest == model_hash(ARCH, state)
     assert all(torch.equal(decoded.state[k], v) for k, v in state.items())
     # The artefact's tensors are checked against the spec, family buffers included.
     short = {**state, "toy.scale": torch.zeros(2)}

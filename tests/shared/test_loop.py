@@ -26,7 +26,7 @@ from shared.loop import (
     steps_per_epoch,
 )
 from shared.models import ArchSpec, build_model, init_weights_from_seed
-from shared.tensors import clone_state, model_hash, to_model_input
+from shared.tensors import clone_state, tensors_hash, to_model_input
 from shared.training import TrainConfig, train_supervised
 
 # A CNN small enough for two shared cores, with BatchNorm2d in the features and BatchNorm1d in
@@ -214,9 +214,9 @@ def test_best_checkpoint_ties_prefer_the_later_one():
                    validation=Validation(lambda m: next(scripted), every=2),
                    hooks=Hooks(after_step=lambda s: states.append(snapshot(model))))  # fmt: skip
     assert out.best_metric == 0.7
-    assert model_hash(out.best_state) == model_hash(states[5])  # the 3rd check, after step 6
-    assert model_hash(out.best_state) != model_hash(states[3])
-    assert model_hash(model.state_dict()) == model_hash(states[7])  # the loop leaves the last
+    assert tensors_hash(out.best_state) == tensors_hash(states[5])  # the 3rd check, after step 6
+    assert tensors_hash(out.best_state) != tensors_hash(states[3])
+    assert tensors_hash(model.state_dict()) == tensors_hash(states[7])  # the loop leaves the last
 
 
 def test_validation_runs_per_epoch_by_default_and_after_the_last_step():
@@ -391,7 +391,7 @@ def test_sgd_epochs_equals_sgd_with_torch_cosine_schedule(digits):
             opt.step()
             sched.step()
             total += float(batch_loss.detach()) * len(idx)
-    assert model_hash(new.state_dict()) == model_hash(ref.state_dict())
+    assert tensors_hash(new.state_dict()) == tensors_hash(ref.state_dict())
     assert loss == pytest.approx(total / len(x), rel=1e-5)
 
 
@@ -431,5 +431,5 @@ def test_dpu_full_phase_equals_the_alg_5_2_reference_loop(digits):
                 best, best_state = value, clone_state(ref.state_dict())
             ref.train()
     assert out.steps == q_total and out.best_metric == best
-    assert model_hash(out.best_state) == model_hash(best_state)
-    assert model_hash(new.state_dict()) == model_hash(ref.state_dict())
+    assert tensors_hash(out.best_state) == tensors_hash(best_state)
+    assert tensors_hash(new.state_dict()) == tensors_hash(ref.state_dict())

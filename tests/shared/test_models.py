@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed
-from shared.tensors import model_hash
+from shared.tensors import tensors_hash
 
 
 @pytest.mark.parametrize(
@@ -107,11 +107,11 @@ CNN = ArchSpec("cnn", (1, 12, 12), 10, hidden=(8,), channels=(4,))
 @pytest.mark.parametrize("spec", [ArchSpec("mlp", (1, 8, 8), 10, hidden=(16, 16)), CNN])
 def test_seeded_init_is_reproducible_and_seed_dependent(spec):
     a, b = _state(spec, 7), _state(spec, 7)
-    assert model_hash(a) == model_hash(b)
+    assert tensors_hash(a) == tensors_hash(b)
     for k in a:
         assert torch.equal(a[k], b[k])
     c = _state(spec, 8)
-    assert model_hash(c) != model_hash(a)
+    assert tensors_hash(c) != tensors_hash(a)
     # Every float tensor except the norm-layer constants differs between seeds.
     differ = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], c[k])]
     assert differ and all("weight" in k or "bias" in k for k in differ)
@@ -146,7 +146,7 @@ def test_init_overwrites_whatever_torch_put_there():
     a = init_weights_from_seed(build_model(spec), 1).state_dict()
     torch.manual_seed(123)
     b = init_weights_from_seed(build_model(spec), 1).state_dict()
-    assert model_hash(a) == model_hash(b)
+    assert tensors_hash(a) == tensors_hash(b)
 
 
 def test_init_seed_range():

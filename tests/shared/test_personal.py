@@ -26,7 +26,7 @@ from shared.personal import (
     make_learner,
 )
 from shared.personal.format import personal_hash
-from shared.tensors import model_hash
+from shared.tensors import tensors_hash
 from shared.training import TrainConfig, accuracy, train_supervised
 
 ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(32,))
@@ -87,7 +87,7 @@ def test_round_trip_is_exact_and_hash_is_documented():
     for k, t in delta.tensors.items():
         assert torch.equal(out.delta.tensors[k], t)
     meta = _split(data)[0]["__metadata__"]
-    assert meta["edgeloop.delta_hash"] == model_hash(delta.tensors)
+    assert meta["edgeloop.delta_hash"] == tensors_hash(delta.tensors)
     assert personal_hash(meta) == digest == meta["edgeloop.personal_hash"]
     # The hash does not depend on the order safetensors writes the metadata in.
     assert _encode(_delta())[1] == digest

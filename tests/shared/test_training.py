@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed
-from shared.tensors import clone_state, model_hash
+from shared.tensors import clone_state, tensors_hash
 from shared.training import TrainConfig, accuracy, batches, predict_logits, train_supervised
 
 ARCH = ArchSpec("mlp", (1, 8, 8), 10, hidden=(64,))
@@ -37,10 +37,10 @@ def test_training_is_reproducible_for_a_seed(digits):
     a, b = _model(), _model()
     train_supervised(a, x, y, cfg)
     train_supervised(b, x, y, cfg)
-    assert model_hash(a.state_dict()) == model_hash(b.state_dict())
+    assert tensors_hash(a.state_dict()) == tensors_hash(b.state_dict())
     c = _model()
     train_supervised(c, x, y, TrainConfig(epochs=2, batch_size=16, seed=5))  # other batch order
-    assert model_hash(c.state_dict()) != model_hash(a.state_dict())
+    assert tensors_hash(c.state_dict()) != tensors_hash(a.state_dict())
 
 
 def test_keeps_best_validation_weights_not_the_last(digits):
@@ -76,8 +76,8 @@ def test_keeps_best_validation_weights_not_the_last(digits):
     assert accs[-1] < 0.2 and max(accs) > 0.5
     best = max(i for i, a in enumerate(accs) if a == max(accs))  # ties prefer the later epoch
     assert stats["val_accuracy"] == pytest.approx(accs[best])
-    assert model_hash(model.state_dict()) == model_hash(seen[best][1])
-    assert model_hash(model.state_dict()) != model_hash(seen[-1][1])
+    assert tensors_hash(model.state_dict()) == tensors_hash(seen[best][1])
+    assert tensors_hash(model.state_dict()) != tensors_hash(seen[-1][1])
     assert accuracy(model, xv, yv) == pytest.approx(accs[best])
 
 
@@ -92,7 +92,7 @@ def test_without_validation_the_last_weights_are_kept(digits):
     stats = train_supervised(model, digits.x_train[:200], digits.y_train[:200], TrainConfig(epochs=2),
                              progress=progress)
     assert stats["val_accuracy"] == -1
-    assert model_hash(model.state_dict()) == model_hash(last)
+    assert tensors_hash(model.state_dict()) == tensors_hash(last)
 
 
 def test_float_inputs_train_too():

@@ -30,16 +30,18 @@ class RegisterRequest(_message.Message):
     def __init__(self, enrollment_token: _Optional[str] = ..., hardware_id: _Optional[str] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., hardware: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "device_credential", "target_model_hash", "heartbeat_interval_s")
+    __slots__ = ("device_id", "device_credential", "target_model_hash", "heartbeat_interval_s", "signing_public_keys")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_credential: str
     target_model_hash: str
     heartbeat_interval_s: float
-    def __init__(self, device_id: _Optional[str] = ..., device_credential: _Optional[str] = ..., target_model_hash: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    signing_public_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, device_id: _Optional[str] = ..., device_credential: _Optional[str] = ..., target_model_hash: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., signing_public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("latency_ms", "memory_mb", "energy_mj")
@@ -162,7 +164,7 @@ class GetUpdateRequest(_message.Message):
     def __init__(self, target_model_hash: _Optional[str] = ..., have_model_hash: _Optional[str] = ..., artefact_sha256: _Optional[str] = ..., offset: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateInfo(_message.Message):
-    __slots__ = ("artefact_sha256", "artefact_size", "encoding", "base_model_hash", "target_model_hash", "final_model_hash", "offset")
+    __slots__ = ("artefact_sha256", "artefact_size", "encoding", "base_model_hash", "target_model_hash", "final_model_hash", "offset", "signatures", "key_announcements")
     ARTEFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     ARTEFACT_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +172,8 @@ class UpdateInfo(_message.Message):
     TARGET_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     FINAL_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    KEY_ANNOUNCEMENTS_FIELD_NUMBER: _ClassVar[int]
     artefact_sha256: str
     artefact_size: int
     encoding: str
@@ -177,7 +181,25 @@ class UpdateInfo(_message.Message):
     target_model_hash: str
     final_model_hash: str
     offset: int
-    def __init__(self, artefact_sha256: _Optional[str] = ..., artefact_size: _Optional[int] = ..., encoding: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_model_hash: _Optional[str] = ..., final_model_hash: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    signatures: _containers.RepeatedCompositeFieldContainer[ArtefactSignature]
+    key_announcements: _containers.RepeatedCompositeFieldContainer[KeyAnnouncement]
+    def __init__(self, artefact_sha256: _Optional[str] = ..., artefact_size: _Optional[int] = ..., encoding: _Optional[str] = ..., base_model_hash: _Optional[str] = ..., target_model_hash: _Optional[str] = ..., final_model_hash: _Optional[str] = ..., offset: _Optional[int] = ..., signatures: _Optional[_Iterable[_Union[ArtefactSignature, _Mapping]]] = ..., key_announcements: _Optional[_Iterable[_Union[KeyAnnouncement, _Mapping]]] = ...) -> None: ...
+
+class ArtefactSignature(_message.Message):
+    __slots__ = ("key_id", "signature")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    signature: bytes
+    def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class KeyAnnouncement(_message.Message):
+    __slots__ = ("statement", "signature")
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    statement: bytes
+    signature: bytes
+    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("offset", "data")

@@ -95,6 +95,7 @@ class EdgeFleetServicer:
         offset so an interrupted download resumes. The first message is always UpdateInfo (with
         the artefact's SHA-256 and size); chunks follow in order. When have_model_hash is the
         target the device is up to date: one UpdateInfo with an empty artefact_sha256 and no chunks.
+        An empty have_model_hash declines seeds (and diffs): the answer is the target's full model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

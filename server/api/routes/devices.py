@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from server.api.deps import CtxDep, SessionDep
+from server.api.deps import CtxDep, SessionDep, require_scope
 from server.api.errors import responses
 from server.api.pagination import DEFAULT_LIMIT, DeviceOffset, LimitParam
 from server.api.schemas import DevicePublic, DevicesPublic, DeviceStatusPublic, DeviceUpdate
@@ -51,7 +51,7 @@ def device_public(device: Device, settings: ServerSettings) -> DevicePublic:
     )
 
 
-@router.get("", response_model=DevicesPublic)
+@router.get("", response_model=DevicesPublic, dependencies=[require_scope("read")])
 def list_devices(
     session: SessionDep,
     ctx: CtxDep,
@@ -64,19 +64,20 @@ def list_devices(
     return DevicesPublic(data=[device_public(d, ctx.settings) for d in devices], count=count)
 
 
-@router.get("/{device_id}", response_model=DevicePublic, responses=responses(404))
+@router.get("/{device_id}", response_model=DevicePublic, responses=responses(404), dependencies=[require_scope("read")])
 def get_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DevicePublic:
     """One device: identity, tags, hardware and its live status."""
     return device_public(D.get_device(session, device_id), ctx.settings)
 
 
-@router.get("/{device_id}/status", response_model=DeviceStatusPublic, responses=responses(404))
+@router.get("/{device_id}/status", response_model=DeviceStatusPublic, responses=responses(404),
+            dependencies=[require_scope("read")])
 def get_device_status(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DeviceStatusPublic:
     """Only what the device's heartbeats report: model, subnet, budget, metrics, state."""
     return DeviceStatusPublic(**_status_fields(D.get_device(session, device_id), ctx.settings))
 
 
-@router.patch("/{device_id}", response_model=DevicePublic, responses=responses(404, 413))
+@router.patch("/{device_id}", response_model=DevicePublic, responses=responses(404, 413), dependencies=[require_scope("admin")])
 def update_device(device_id: DeviceId, body: DeviceUpdate, session: SessionDep, ctx: CtxDep) -> DevicePublic:
     """Rename a device or replace its tag set; omitted fields are kept."""
     device = D.get_device(session, device_id)
@@ -88,7 +89,7 @@ def update_device(device_id: DeviceId, body: DeviceUpdate, session: SessionDep, 
     return device_public(device, ctx.settings)
 
 
-@router.post("/{device_id}/revoke", response_model=DevicePublic, responses=responses(404))
+@router.post("/{device_id}/revoke", response_model=DevicePublic, responses=responses(404), dependencies=[require_scope("admin")])
 def revoke_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DevicePublic:
     """Refuse the device's credential from now on, and refuse its re-registration until it is
     restored (idempotent)."""
@@ -97,7 +98,7 @@ def revoke_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> Devi
     return device_public(device, ctx.settings)
 
 
-@router.post("/{device_id}/restore", response_model=DevicePublic, responses=responses(404))
+@router.post("/{device_id}/restore", response_model=DevicePublic, responses=responses(404), dependencies=[require_scope("admin")])
 def restore_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> DevicePublic:
     """Lift a revocation: the device may register again (with the enrollment token) and gets
     a fresh credential; its old credential stays invalid (idempotent)."""

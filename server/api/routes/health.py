@@ -1,5 +1,5 @@
-"""Liveness and Prometheus metrics; both open, without the operator token, for probes and
-scrapers."""
+"""Liveness (always open, for probes) and Prometheus metrics (a ``read`` token, or open with
+``EDGELOOP_METRICS_PUBLIC=true`` for scrapers)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
-from server.api.deps import CtxDep
+from server.api.deps import CtxDep, require_scope
 from server.api.errors import responses
 from server.api.routes.devices import ONLINE_HEARTBEATS
 from server.api.schemas import HealthPublic
@@ -112,6 +112,8 @@ def metrics_registry(ctx: ServerContext) -> CollectorRegistry:
     "/metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    # A read token, unless metrics_public opens it for scrapers on a trusted network.
+    dependencies=[require_scope("read", open_if=lambda settings: settings.metrics_public)],
 )
 def metrics(request: Request) -> Response:
     """Fleet gauges in Prometheus text format: devices (total, online, revoked), samples by

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server.api.deps import CtxDep, SessionDep
+from server.api.deps import CtxDep, SessionDep, require_scope
 from server.api.errors import responses
 from server.api.pagination import DEFAULT_LIMIT, LimitParam, VersionOffset
 from server.api.schemas import (
@@ -67,7 +67,7 @@ def _artefact_public(a: Artefact) -> ArtefactPublic:
     )
 
 
-@router.get("", response_model=ModelVersionsPublic)
+@router.get("", response_model=ModelVersionsPublic, dependencies=[require_scope("read")])
 def list_models(
     session: SessionDep,
     offset: VersionOffset = 0,
@@ -85,7 +85,7 @@ def list_models(
     return ModelVersionsPublic(data=[_public(mv, art) for mv, art in rows], count=count)
 
 
-@router.get("/{model_ref}", response_model=ModelVersionPublic, responses=responses(404))
+@router.get("/{model_ref}", response_model=ModelVersionPublic, responses=responses(404), dependencies=[require_scope("read")])
 def get_model(model_ref: ModelRef, session: SessionDep) -> ModelVersionPublic:
     """One version by hash, number or 'latest'."""
     mv = resolve_version(session, model_ref)
@@ -95,6 +95,7 @@ def get_model(model_ref: ModelRef, session: SessionDep) -> ModelVersionPublic:
 @router.get(
     "/{model_ref}/download",
     response_class=FileResponse,
+    dependencies=[require_scope("read")],
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The full-model artefact bytes."},
         **responses(404),
@@ -115,7 +116,7 @@ def download_model(model_ref: ModelRef, session: SessionDep, ctx: CtxDep) -> Fil
     )
 
 
-@router.get("/{model_ref}/artefacts", response_model=ArtefactsPublic, responses=responses(404))
+@router.get("/{model_ref}/artefacts", response_model=ArtefactsPublic, responses=responses(404), dependencies=[require_scope("read")])
 def list_artefacts(model_ref: ModelRef, session: SessionDep) -> ArtefactsPublic:
     """Every artefact that produces this version: its full model and diffs from older ones."""
     mv = resolve_version(session, model_ref)
@@ -127,6 +128,7 @@ def list_artefacts(model_ref: ModelRef, session: SessionDep) -> ArtefactsPublic:
 @router.get(
     "/{model_ref}/artefacts/{sha256}/download",
     response_class=FileResponse,
+    dependencies=[require_scope("read")],
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The artefact bytes."},
         **responses(404),

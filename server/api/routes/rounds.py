@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Response
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
-from server.api.deps import CtxDep, SessionDep
+from server.api.deps import CtxDep, SessionDep, require_scope
 from server.api.errors import format_errors, responses
 from server.api.pagination import DEFAULT_LIMIT, LimitParam, RoundOffset
 from server.api.schemas import (
@@ -41,7 +41,7 @@ def summary(rnd: Round) -> RoundSummaryPublic:
     )
 
 
-@router.post("", status_code=202, response_model=RoundPublic, responses=responses(404, 413))
+@router.post("", status_code=202, response_model=RoundPublic, responses=responses(404, 413), dependencies=[require_scope("operate")])
 def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx: CtxDep) -> RoundPublic:
     """Queue a round; a worker trains it on the cohort's samples (``data_scope``), from the
     version the cohort runs, and on success publishes a version of the cohort's lineage.
@@ -60,7 +60,7 @@ def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx
     return RoundPublic.model_validate(R.round_report(session, rnd))
 
 
-@router.get("/methods", response_model=MethodsPublic)
+@router.get("/methods", response_model=MethodsPublic, dependencies=[require_scope("read")])
 def list_methods() -> MethodsPublic:
     """Update policies a round can use, with the JSON schema of their params."""
     data = [
@@ -70,7 +70,7 @@ def list_methods() -> MethodsPublic:
     return MethodsPublic(data=data, count=len(data))
 
 
-@router.get("", response_model=RoundsPublic)
+@router.get("", response_model=RoundsPublic, dependencies=[require_scope("read")])
 def list_rounds(
     session: SessionDep,
     offset: RoundOffset = 0,
@@ -81,13 +81,13 @@ def list_rounds(
     return RoundsPublic(data=[summary(r) for r in R.list_rounds(session, offset=offset, limit=limit)], count=count)
 
 
-@router.get("/{round_id}", response_model=RoundPublic, responses=responses(404))
+@router.get("/{round_id}", response_model=RoundPublic, responses=responses(404), dependencies=[require_scope("read")])
 def get_round(round_id: RoundId, session: SessionDep) -> RoundPublic:
     """Status, progress, reason, metrics, and per-device bytes sent / devices on the new version."""
     return RoundPublic.model_validate(R.round_report(session, R.get_round(session, round_id)))
 
 
-@router.post("/{round_id}/cancel", response_model=RoundPublic, responses=responses(404, 409))
+@router.post("/{round_id}/cancel", response_model=RoundPublic, responses=responses(404, 409), dependencies=[require_scope("operate")])
 def cancel_round(round_id: RoundId, session: SessionDep) -> RoundPublic:
     """Fail a round that is still queued. A running round cannot be cancelled (409)."""
     rnd = R.get_round(session, round_id)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
-from server.api.deps import CtxDep, SessionDep
+from server.api.deps import CtxDep, SessionDep, require_scope
 from server.api.errors import responses
 from server.api.pagination import DEFAULT_LIMIT, LimitParam, SampleOffset
 from server.api.schemas import (
@@ -24,7 +24,7 @@ from server.domain.samples import label_samples, sample_counts
 router = APIRouter(prefix="/samples", tags=["samples"], responses=responses(401, 422))
 
 
-@router.get("/counts", response_model=SampleCountsPublic)
+@router.get("/counts", response_model=SampleCountsPublic, dependencies=[require_scope("read")])
 def get_sample_counts(session: SessionDep) -> SampleCountsPublic:
     """Samples per device and per label, and the labelled / unlabelled totals."""
     per_device: dict[str, DeviceSampleCounts] = {}
@@ -45,7 +45,7 @@ def get_sample_counts(session: SessionDep) -> SampleCountsPublic:
     return SampleCountsPublic(devices=devices, labelled=labelled, unlabelled=unlabelled, total=labelled + unlabelled)
 
 
-@router.get("", response_model=SamplesPublic)
+@router.get("", response_model=SamplesPublic, dependencies=[require_scope("read")])
 def list_samples(
     session: SessionDep,
     device_id: Annotated[str | None, Query(max_length=32, description="Only this device's samples.")] = None,
@@ -64,7 +64,7 @@ def list_samples(
     return SamplesPublic(data=[SamplePublic.model_validate(r) for r in rows], count=count)
 
 
-@router.post("/labels", response_model=LabelsUpdated, responses=responses(404, 413))
+@router.post("/labels", response_model=LabelsUpdated, responses=responses(404, 413), dependencies=[require_scope("operate")])
 def set_labels(body: LabelsUpdate, session: SessionDep, ctx: CtxDep) -> LabelsUpdated:
     """Set labels in one transaction: an unknown sample or a label out of range changes nothing."""
     n = label_samples(
