@@ -68,7 +68,8 @@ def register_device(
 ) -> Registration:
     """Create a device, or re-issue the credential of the device with this ``hardware_id``.
     The caller has checked the right to enrol: Register goes through
-    :func:`server.domain.enrollment.register`, which checks and consumes a token."""
+    :func:`server.domain.enrollment.register`, which checks the token (and, for a hardware id
+    already enrolled, that the token may re-register it) and consumes a use."""
     hardware_id = hardware_id.strip()
     if not hardware_id or len(hardware_id) > 128:
         raise InvalidArgumentError("hardware_id must be 1 to 128 characters")
