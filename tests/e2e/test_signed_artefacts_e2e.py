@@ -42,9 +42,9 @@ class Attacker:
         self.factory = make_session_factory(self.engine)
         self.blobs = BlobStore(server_dir / "blobs", fsync=False)
 
-    def plant(self, seed: int, sign) -> str:
+    def plant(self, seed: int, sign) -> tuple[str, str]:
         """A new version from ``seed``, assigned to every device; ``sign(artefact)`` returns the
-        (key_id, signature) rows to store with it. Returns its model hash."""
+        (key_id, signature) rows to store with it. Returns its model hash and artefact SHA-256."""
         with transaction(self.factory) as s:
             v0 = s.scalars(select(ModelVersion).order_by(ModelVersion.number)).first()
             arch = ArchSpec.from_json(v0.arch_json)
@@ -63,7 +63,7 @@ class Attacker:
             s.flush()
             for dev in s.scalars(select(Device)):
                 dev.target_model_hash = digest
-        return digest
+        return digest, sha
 
     def v0_signature(self, s, art: Artefact) -> list[tuple[str, bytes]]:
         v0 = s.scalars(select(ModelVersion).order_by(ModelVersion.number)).first()
@@ -129,10 +129,13 @@ def test_tampered_and_wrongly_signed_artefacts_are_refused_by_a_live_agent(
                 "wrong key": (_sign_with(intruder, claim=server_key_id), "does not verify"),
             }
             for seed, (name, (sign, why)) in enumerate(cases.items(), start=100):
-                evil = attacker.plant(seed, sign)
+                evil, evil_sha = attacker.plant(seed, sign)
+                # The refusal must name this artefact: for a moment after the target moves, the
+                # status still shows the previous case's failure.
                 st = wait_until(lambda: (st := agent_status())["target_model_hash"] == evil  # noqa: B023
-                                and st["update_state"] == "failed" and st["last_error"] and st, 60,
-                                f"the {name} refusal", procs)
+                                and st["update_state"] == "failed"
+                                and f"artefact {evil_sha[:12]} " in (st["last_error"] or "") and st,  # noqa: B023
+                                60, f"the {name} refusal", procs)
                 assert st["model_hash"] == v0, name  # still serving version 0
                 assert "refused: signature: " in st["last_error"] and why in st["last_error"], st["last_error"]
                 assert _stored(tmp_path / "signed-0", evil) == [], name  # nothing of it installed
@@ -143,7 +146,7 @@ def test_tampered_and_wrongly_signed_artefacts_are_refused_by_a_live_agent(
                 assert view["model_hash"] == v0 and view["update_state"] == "failed", name
 
             # Control: the same kind of planted version, signed by the server's own key, installs.
-            good = attacker.plant(200, _sign_with(server_key))
+            good, _ = attacker.plant(200, _sign_with(server_key))
             wait_until(lambda: (st := agent_status())["model_hash"] == good and st["update_state"] == "committed",
                        60, "the correctly signed version to install", procs)
             assert _stored(tmp_path / "signed-0", good)
