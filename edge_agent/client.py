@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import platform
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 
 from edge_agent.backoff import RetryAfter, retry_after_s
-from edge_agent.tls import PinnedCA
+from edge_agent.tls import ClientCertStore, PinnedCA, TLSSetupError
 from edge_agent.upload_queue import QueuedSample
 from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
@@ -87,9 +88,17 @@ class FleetClient:
     channel, which only ``--insecure`` asks for (and tests against a plaintext server).
     ``server_name``: the name to verify in the server certificate instead of the host dialled."""
 
+    RENEW_RETRY_S = 60.0  # a failed certificate renewal is retried at most this often
+
     def __init__(self, address: str, *, timeout_s: float = 30.0, max_message_bytes: int = 8 << 20,
-                 tls: PinnedCA | None = None, server_name: str = "") -> None:
+                 tls: PinnedCA | None = None, server_name: str = "", client_cert: ClientCertStore | None = None) -> None:
+        """``client_cert``: where the mutual-TLS key and certificate live (with ``tls``): a CSR goes
+        with every Register, and once the server issued a certificate every other call uses its
+        mTLS port with it (docs/security.md#mutual-tls)."""
         self.address = address
+        self.client_cert = client_cert if tls is not None else None
+        self._mtls: tuple[grpc.Channel, pb_grpc.EdgeFleetStub, object] | None = None  # channel, stub, cert
+        self._renew_after = 0.0
         self.timeout_s = timeout_s
         self.credential = ""
         self.retry_after = RetryAfter()  # the server's latest retry-after hint: no call before it
@@ -129,10 +138,66 @@ class FleetClient:
                 self._stub_obj = pb_grpc.EdgeFleetStub(self._channel)
             return self._stub_obj
 
+    @property
+    def _call_stub(self) -> pb_grpc.EdgeFleetStub:
+        """The stub for every call but Register: the mTLS port's once a client certificate is
+        installed (renewed first when due), else the first port's."""
+        if self.client_cert is None:
+            return self._stub
+        with self._channel_lock:
+            if self._mtls is None:
+                loaded = self.client_cert.load()
+                if loaded is None:
+                    stub = None
+                else:
+                    key_pem, cert_pem, port, cert = loaded
+                    host = self.address.rpartition(":")[0]
+                    assert self.tls is not None
+                    try:
+                        roots = self.tls.root_certificates()
+                    except OSError as exc:
+                        raise TLSError(f"TLS: cannot pin the server's CA: {exc}") from exc
+                    creds = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key_pem,
+                                                         certificate_chain=cert_pem)
+                    channel = grpc.secure_channel(f"{host}:{port}", creds, options=self._options)
+                    self._mtls = (channel, pb_grpc.EdgeFleetStub(channel), cert)
+        if self._mtls is None:
+            return self._stub
+        _, stub, cert = self._mtls
+        if self.client_cert.renewal_due(cert) and time.monotonic() >= self._renew_after:  # type: ignore[arg-type]
+            self._renew(stub)
+            return self._call_stub  # the new certificate's channel (renewal is throttled: no loop)
+        return stub
+
+    def _renew(self, stub: pb_grpc.EdgeFleetStub) -> None:
+        """A new key and certificate at two thirds of the old one's lifetime; on failure the old
+        one stays in use (until it expires) and renewal is retried a minute later."""
+        assert self.client_cert is not None
+        self._renew_after = time.monotonic() + self.RENEW_RETRY_S
+        try:
+            csr = self.client_cert.new_csr()
+            resp = stub.RenewClientCertificate(pb.RenewClientCertificateRequest(csr=csr), timeout=self.timeout_s,
+                                               metadata=self._md())
+            cert = self.client_cert.install(resp.client_certificate)
+        except (grpc.RpcError, TLSSetupError, OSError) as exc:
+            log.warning("client certificate renewal failed (retrying later, the current one stays): %s", exc)
+            self.client_cert.discard_pending()
+            return
+        log.info("renewed the client certificate (valid until %s)", f"{cert.not_valid_after_utc:%Y-%m-%d}")
+        self._reset_mtls()
+
+    def _reset_mtls(self) -> None:
+        with self._channel_lock:
+            if self._mtls is not None:
+                self._mtls[0].close()
+                self._mtls = None
+
     def close(self) -> None:
         with self._channel_lock:
             if self._channel is not None:
                 self._channel.close()
+            if self._mtls is not None:
+                self._mtls[0].close()
 
     def _md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.credential}")]
@@ -156,16 +221,29 @@ class FleetClient:
             hardware={"machine": platform.machine(), "system": platform.system(), "python": platform.python_version()},
             agent_version=agent_version,
         )
+        if self.client_cert is not None:  # a server with mtls off ignores it
+            req.client_csr = self.client_cert.new_csr()
         try:
             self._wait_turn()
-            return self._stub.Register(req, timeout=self.timeout_s)
+            resp = self._stub.Register(req, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise self._failed(exc) from exc
+        if self.client_cert is not None:
+            self._reset_mtls()
+            if resp.client_certificate:
+                try:
+                    self.client_cert.install(resp.client_certificate, resp.mtls_port)
+                except TLSSetupError as exc:
+                    raise PermanentError(str(exc)) from exc
+                log.info("mutual TLS: client certificate installed; calls go to port %d", resp.mtls_port)
+            else:  # mtls off: calls stay on this port
+                self.client_cert.clear()
+        return resp
 
     def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         try:
             self._wait_turn()
-            return self._stub.Heartbeat(req, timeout=self.timeout_s, metadata=self._md())
+            return self._call_stub.Heartbeat(req, timeout=self.timeout_s, metadata=self._md())
         except grpc.RpcError as exc:
             raise self._failed(exc) from exc
 
@@ -179,7 +257,7 @@ class FleetClient:
                 ])
         try:
             self._wait_turn()
-            return self._stub.UploadSamples(messages(), timeout=self.timeout_s * 4, metadata=self._md())
+            return self._call_stub.UploadSamples(messages(), timeout=self.timeout_s * 4, metadata=self._md())
         except grpc.RpcError as exc:
             raise self._failed(exc) from exc
 
@@ -187,14 +265,14 @@ class FleetClient:
         """Yields the UpdateInfo message then chunks; raises ClientError on failure."""
         try:
             self._wait_turn()
-            yield from self._stub.GetUpdate(req, timeout=timeout_s or self.timeout_s * 20, metadata=self._md())
+            yield from self._call_stub.GetUpdate(req, timeout=timeout_s or self.timeout_s * 20, metadata=self._md())
         except grpc.RpcError as exc:
             raise self._failed(exc) from exc
 
     def watch(self, model_hash: str, max_seconds: int = 0) -> Iterator[pb.WatchUpdatesResponse]:
         try:
             self._wait_turn()
-            yield from self._stub.WatchUpdates(
+            yield from self._call_stub.WatchUpdates(
                 pb.WatchUpdatesRequest(model_hash=model_hash, max_seconds=max_seconds),
                 timeout=(max_seconds or 3600) + 30, metadata=self._md())
         except grpc.RpcError as exc:

@@ -33,7 +33,7 @@ from edge_agent.services.watcher import WatcherService
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import InputSource
 from edge_agent.status_http import StatusServer
-from edge_agent.tls import PinnedCA
+from edge_agent.tls import ClientCertStore, PinnedCA
 from edge_agent.trust import TrustStore
 from edge_agent.update_machine import UpdateContext, UpdateMachine
 from edge_agent.update_state import State, UpdateRecord, UpdateStateFile
@@ -61,7 +61,8 @@ class Agent:
         self.source = source if source is not None else make_source(
             s, self.runner.arch.input_shape if self.runner.arch else None)
         self.conn = Connection(s, FleetClient(s.server, timeout_s=s.rpc_timeout_s, tls=pinned,
-                                              server_name=s.tls_server_name))
+                                              server_name=s.tls_server_name,
+                                              client_cert=ClientCertStore(s.data_dir / "tls")))
         # Signing keys: pinned from trusted_keys_file, else from the Register answer at enrollment.
         self.trust = TrustStore(s.data_dir, pinned_file=s.trusted_keys_file)
         self.conn.on_registered = lambda resp: self.trust.pin_at_enrollment(resp.signing_public_keys)
@@ -74,6 +75,8 @@ class Agent:
                                    reserved={"upload_queue.db*": s.queue_max_bytes}),
                                max_parameters=s.max_model_parameters)
         self.governor = GovernorService(s, self.runner, self.conn.subnet_accuracy, self.conn.report_error)
+        self.support = None  # the few-shot support set (edge_agent.few_shot), with learner=pmeta
+        self.domains = None  # the domain adaptors' switch (edge_agent.domains), with learner=da3
         self.learner = self._make_learner()
         self.reporter = ReporterService(self.conn, lambda: snapshot.heartbeat_request(self), self._backoff())
         ctx = UpdateContext(self.fetcher, self.store, self.runner, self.local_data, ProbationConfig(
@@ -118,7 +121,29 @@ class Agent:
         from edge_agent.learner import LearnerService
         from edge_agent.personal_store import PersonalStore
 
-        return LearnerService(self.settings, self.runner, PersonalStore(self.store.root), self.local_data)
+        store = PersonalStore(self.store.root)
+        if self.settings.learner == "pmeta":  # few-shot: learns from the support set, not local data
+            from edge_agent.few_shot import SupportSet, learner_overrides
+
+            self.support = SupportSet(self.settings.data_dir / "few-shot", self._input_shape)
+            return LearnerService(self.settings, self.runner, store, self.support,
+                                  config_overrides=learner_overrides(self.support, self.governor),
+                                  min_samples=self.settings.few_shot_min_samples, compare_base=False)
+        if self.settings.learner == "da3":  # one adaptor per domain; the governor's memory budget
+            from edge_agent.domains import Domains, DomainStore
+
+            domain_store = DomainStore(self.store.root)
+            service = LearnerService(self.settings, self.runner, domain_store, self.local_data,
+                                     config_overrides=lambda: {
+                                         "memory_budget_mb": self.governor.current_budget().memory_mb})
+            self.domains = Domains(self.settings.data_dir, domain_store, setting=self.settings.learner_domain,
+                                   tags=self.settings.tag_list, on_change=lambda _d: service.reconsider())
+            return service
+        return LearnerService(self.settings, self.runner, store, self.local_data)
+
+    def _input_shape(self) -> tuple[int, ...] | None:
+        arch = self.runner.arch
+        return arch.input_shape if arch is not None else None
 
     def _on_outcome(self, record: UpdateRecord) -> None:
         """An update reached a resting state: tell the server and the services that care.
@@ -149,9 +174,19 @@ class Agent:
         if self.settings.status_port >= 0:
             self.status_server = StatusServer(
                 self.settings.status_host, self.settings.status_port, self.status,
-                on_put_budget=self.governor.http_budget.on_put)
+                on_put_budget=self.governor.http_budget.on_put,
+                on_post_few_shot=self._post_few_shot if self.support is not None else None,
+                on_put_domain=self.domains.on_put if self.domains is not None else None)
             self.status_server.start()
             log.info("status endpoint http://%s:%d/status", self.settings.status_host, self.status_server.port)
+
+    def _post_few_shot(self, body: dict) -> dict:
+        """POST /few-shot: store a support sample, then let the learner re-adapt at once."""
+        assert self.support is not None
+        result = self.support.on_post(body)
+        if self.learner is not None:
+            self.learner.wake()
+        return result
 
     def _guard(self, service: Service) -> None:
         while not self.stop_event.is_set():
@@ -184,7 +219,12 @@ class Agent:
         return snapshot.metrics(self)
 
     def status(self) -> dict:
-        return snapshot.status(self)
+        view = snapshot.status(self)
+        if self.support is not None:  # classes and shots only: the samples never leave the device
+            view["few_shot"] = self.support.status()
+        if self.domains is not None:
+            view["domains"] = self.domains.status()
+        return view
 
 
 def run_agent(settings: AgentSettings) -> None:

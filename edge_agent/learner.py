@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -75,13 +76,26 @@ class LearnerService:
     status page, ``metrics()`` for heartbeats. With ``learner = "none"`` it does nothing."""
 
     def __init__(self, settings: AgentSettings, runner: ModelRunner, store: PersonalStore,
-                 local_data: LocalDataset) -> None:
+                 local_data: LocalDataset, *,
+                 config_overrides: Callable[[], Mapping[str, Any]] | None = None,
+                 min_samples: int | None = None, compare_base: bool = True) -> None:
+        """``local_data`` is what the learner learns from: the local dataset, or any object
+        with ``added``, ``len`` and ``recent(n)`` (the pmeta learner's support set,
+        ``edge_agent.few_shot``). ``config_overrides()`` gives config fields read live at each
+        step (the memory budget, the support set's classes): a changed config re-derives, as a
+        new base does. ``min_samples`` replaces ``learner_min_samples``. ``compare_base=False``
+        serves the personal model whatever the base scores (pmeta: the base cannot name the
+        support set's classes, so its held-out score is chance, not a reference)."""
         self.settings, self.runner, self.store, self.local = settings, runner, store, local_data
         self.learner: Learner | None = None
         self.config: LearnerConfig | None = None
+        self._overrides = config_overrides
+        self._min_samples = min_samples if min_samples is not None else settings.learner_min_samples
+        self._compare_base = compare_base
         if settings.learner != "none":
             self.learner = make_learner(settings.learner)
             self.config = learner_config(settings, self.learner)
+        self._settings_config = self.config
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -134,6 +148,14 @@ class LearnerService:
             self._wake = True
             self._cond.notify_all()
 
+    def reconsider(self) -> None:
+        """Decide again for the committed base, as after a base change (the da3 learner's
+        domain switched: serve that domain's stored adaptor or adapt one)."""
+        with self._cond:
+            self._outcome_base = None
+            self._wake = True
+            self._cond.notify_all()
+
     def wake(self) -> None:
         """Check for new local samples now rather than at the next poll."""
         with self._cond:
@@ -171,6 +193,9 @@ class LearnerService:
                     "duration_s"):
             if info.get(key) is not None:
                 out[f"learner_{key}"] = float(info[key])
+        for key, value in (info.get("meta") or {}).items():  # the learner's numbers (pmeta: memory)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.setdefault(f"learner_{key}", float(value))
         return out
 
     # -- the thread --------------------------------------------------------------------------
@@ -203,17 +228,17 @@ class LearnerService:
             self._set(state="waiting_for_commit", reason=f"model {base_hash[:12]} is not committed")
             return
         # A reload of the runner (same base after a rollback, say) drops its personal model.
-        new_base = base_hash != self._outcome_base or self.runner.personal_hash != self._served
+        new_base = self._refresh_config() or base_hash != self._outcome_base \
+            or self.runner.personal_hash != self._served
         fresh = self.local.added - self._mark
         retrain = self.settings.learner_retrain_every
         if not new_base and not (retrain and fresh >= retrain):
             return
         if new_base and self._serve_stored(arch, state, base_hash):
             return
-        if len(self.local) < self.settings.learner_min_samples:
+        if len(self.local) < self._min_samples:
             self._set(state="waiting_for_samples", base_hash=base_hash,
-                      reason=f"{len(self.local)} of {self.settings.learner_min_samples} "
-                             "labelled local samples")
+                      reason=f"{len(self.local)} of {self._min_samples} labelled local samples")
             return
         try:
             self._derive(arch, state, base_hash)
@@ -222,6 +247,15 @@ class LearnerService:
             self._mark = self.local.added
             self._finish(base_hash, state="failed", reason=f"{type(exc).__name__}: {exc}",
                          counter="failures")
+
+    def _refresh_config(self) -> bool:
+        """Apply ``config_overrides``; True if that changed the config."""
+        if self._overrides is None or self.learner is None or self._settings_config is None:
+            return False
+        config = self.learner.parse_config({**self._settings_config.to_dict(), **self._overrides()})
+        with self._cond:
+            changed, self.config = config != self.config, config
+        return changed
 
     def _local_data(self) -> tuple[np.ndarray, np.ndarray]:
         limit = self.settings.learner_max_samples or None
@@ -247,7 +281,7 @@ class LearnerService:
             _, hold = split_holdout(len(x), self.settings.learner_holdout)
             base_acc = served_accuracy(arch, state, x[hold], y[hold])
             personal_acc = served_accuracy(served_arch, served, x[hold], y[hold])
-            if personal_acc < base_acc:
+            if self._compare_base and personal_acc < base_acc:
                 return False  # the world moved on: derive again from today's data
         if not self.runner.set_personal(base_hash, served, stored.personal_hash, arch=served_arch):
             return True  # another base arrived meanwhile; the next step handles it
@@ -255,7 +289,8 @@ class LearnerService:
         self.store.gc({base_hash})
         self._finish(base_hash, state="serving", reason="loaded from the personal store",
                      counter="loaded", base_accuracy=base_acc, personal_accuracy=personal_acc,
-                     train_samples=stored.samples, stored_hash=stored.personal_hash)
+                     train_samples=stored.samples, stored_hash=stored.personal_hash,
+                     meta=stored.delta.meta)
         return True
 
     def _derive(self, arch: ArchSpec, state: StateDict, base_hash: str) -> None:
@@ -284,7 +319,7 @@ class LearnerService:
         sizes = {"base_accuracy": base_acc, "personal_accuracy": personal_acc,
                  "train_samples": len(train), "holdout_samples": len(hold)}
         self._mark = mark
-        if personal_acc < base_acc:
+        if self._compare_base and personal_acc < base_acc:
             self.runner.clear_personal(base_hash)
             self.store.delete(base_hash, self.learner.name)
             self.store.gc({base_hash})
@@ -310,7 +345,7 @@ class LearnerService:
                  personal_hash[:12], base_hash[:12], personal_acc, base_acc)
         self._finish(base_hash, state="serving", reason=None, counter="derivations",
                      duration_s=time.monotonic() - start, stored_hash=artefact.personal_hash,
-                     delta_params=delta_params, **sizes)
+                     delta_params=delta_params, meta=delta.meta, **sizes)
 
     # -- bookkeeping -------------------------------------------------------------------------
 

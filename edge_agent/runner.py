@@ -36,6 +36,12 @@ from shared.tensors import to_model_input
 log = logging.getLogger(__name__)
 
 
+# Families whose models run as their plain module and whose learners adapt them (a p-Meta
+# model's personal model is its adapted backbone and head; a DA³ model's, its domain adaptor
+# over the same frozen backbone: docs/learner.md).
+PERSONAL_FAMILIES = frozenset({"pmeta", "da3"})
+
+
 class SubnetError(ValueError):
     """``set_subnet`` was given a subnet the loaded model does not have."""
 
@@ -138,8 +144,9 @@ class ModelRunner:
             current_arch, engine, current = self.arch, self._model is None, self.model_hash
         if base_hash != current or current_arch is None:
             return False
-        if engine or any(v is not None for v in current_arch.extra.values()):
-            raise PersonalModelError("personal models are served for plain models only")
+        if engine or any(v is not None for k, v in current_arch.extra.items() if k not in PERSONAL_FAMILIES):
+            raise PersonalModelError("personal models are served for plain models only "
+                                     f"(and the families {sorted(PERSONAL_FAMILIES)})")
         try:
             model = build_model(arch or current_arch)
             # assign=True: the personal module shares the base's unchanged tensors

@@ -71,13 +71,15 @@ class AgentSettings(BaseSettings):
     governor_min_dwell_s: float = Field(2.0, ge=0, description="Seconds after a switch before switching up again (down-switches are immediate).")
     profile_reps: int = Field(30, ge=1, le=10000, description="Timed batch-1 calls per subnet when profiling a new DRESS model.")
     # --- local learner: personal models, never uploaded (docs/learner.md) --------------------
-    learner: str = Field("none", description="Local learner deriving a personal model from the device's labelled inputs: 'none' or a registered learner ('head': fine-tune the classifier).")
+    learner: str = Field("none", description="Local learner deriving a personal model from the device's labelled inputs: 'none' or a registered learner ('head': fine-tune the classifier; 'pmeta': few-shot learn the classes of data_dir/few-shot with a p-Meta fleet model; 'da3': a DA³ domain adaptor over a frozen resnet fleet model).")
     learner_min_samples: int = Field(64, ge=10, description="Labelled local samples needed before a personal model is derived.")
     learner_retrain_every: int = Field(256, ge=0, description="Re-derive after this many new labelled local samples (0: only when the fleet model changes).")
     learner_epochs: int = Field(5, ge=1, le=1000, description="Training epochs per derivation.")
     learner_lr: float = Field(1e-3, gt=0, le=1, description="Learner step size (Adam).")
     learner_holdout: float = Field(0.2, gt=0, lt=1, description="Fraction of local data held out to check the personal model; it serves only if not worse than the fleet model there.")
     learner_max_samples: int = Field(0, ge=0, description="Learn from at most the newest N local samples (0: all stored).")
+    few_shot_min_samples: int = Field(4, ge=2, description="learner=pmeta: support samples (data_dir/few-shot/<class>/ or POST /few-shot) needed before the first adaptation; at least 2 classes are needed too.")
+    learner_domain: str = Field("", description="learner=da3: the domain whose adaptor serves (empty: a 'domain-<name>' device tag, else 'default'); PUT /domain on the status endpoint overrides it (docs/learner.md).")
     learner_poll_s: float = Field(2.0, gt=0, le=3600, description="How often the learner checks for new local samples.")
     # --- local labelled data and update probation (docs/protocol.md#update-lifecycle) --------
     local_data_max_items: int = Field(2048, ge=1, description="Labelled local inputs kept in data_dir/local_data.db (oldest dropped first).")
@@ -112,6 +114,15 @@ class AgentSettings(BaseSettings):
 
         if v != "none" and v not in learner_names():
             raise ValueError(f"learner must be 'none' or one of {learner_names()}, got {v!r}")
+        return v
+
+    @field_validator("learner_domain")
+    @classmethod
+    def _learner_domain(cls, v: str) -> str:
+        import re
+
+        if v and not re.match(r"^[a-z0-9][a-z0-9_-]{0,31}\Z", v):  # edge_agent.domains.DOMAIN_NAME
+            raise ValueError(f"learner_domain must match [a-z0-9][a-z0-9_-]{{0,31}}, got {v!r}")
         return v
 
     @field_validator("battery_policy")

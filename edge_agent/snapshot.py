@@ -36,6 +36,8 @@ def metrics(agent: Agent) -> dict[str, float]:
     m.update(agent.governor.metrics())
     if agent.learner is not None:
         m.update(agent.learner.metrics())
+    if getattr(agent, "domains", None) is not None:  # learner=da3: switches, domains stored
+        m.update(agent.domains.metrics())
     m["active_subnet"] = float(runner.active_subnet)  # what runs, not what was decided
     return m
 

@@ -7,6 +7,10 @@ is a deliberate choice of ``host``. Routes::
     GET /status    -> 200, JSON from get_status()
     GET /healthz   -> 200, "ok"
     PUT /budget    -> JSON object body (<= 64 KiB) passed to on_put_budget; 200 with its result
+    POST /few-shot -> JSON object body (<= 64 KiB) passed to on_post_few_shot (a support sample
+                      for the pmeta learner, edge_agent/few_shot.py); 200 with its result
+    PUT /domain    -> {"domain": "<name>" | null} passed to on_put_domain (the da3 learner's
+                      active domain, edge_agent/domains.py); 200 with its result
 
 Errors are JSON ``{"error": ...}``: 400 bad or oversized body (or a ValueError from the
 callback), 404 unknown path, 405 wrong method, 500 a failing callback (logged).
@@ -27,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 _MAX_DRAIN_BYTES = 1 << 20
-_ROUTES = {"/status": "GET", "/healthz": "GET", "/budget": "PUT"}
+_ROUTES = {"/status": "GET", "/healthz": "GET", "/budget": "PUT", "/few-shot": "POST",
+           "/domain": "PUT"}
 
 
 class _Server(ThreadingHTTPServer):
@@ -87,11 +92,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, status)
 
     def do_PUT(self) -> None:
-        if self._route("PUT") != "/budget":
+        path = self._route("PUT")
+        if path == "/domain":
+            self._call(self.server.owner.on_put_domain, "domains need learner=da3 on this agent")
+        elif path == "/budget":
+            self._call(self.server.owner.on_put_budget, "budget changes are not enabled on this agent")
+
+    def do_POST(self) -> None:
+        if self._route("POST") != "/few-shot":
             return
-        on_put = self.server.owner.on_put_budget
+        self._call(self.server.owner.on_post_few_shot,
+                   "few-shot samples need learner=pmeta on this agent")
+
+    def _call(self, on_put: Callable[[dict], dict] | None, disabled: str) -> None:
         if on_put is None:
-            self._error(501, "budget changes are not enabled on this agent")
+            self._error(501, disabled)
             return
         body = self._read_json_object()
         if body is None:
@@ -102,8 +117,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, str(exc))
             return
         except Exception as exc:
-            logger.exception("budget callback failed")
-            self._error(500, f"budget update failed: {exc}")
+            logger.exception("%s callback failed", self.path)
+            self._error(500, f"{self.command} {self.path} failed: {exc}")
             return
         self._send(200, result)
 
@@ -111,7 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
         length_header = self.headers.get("Content-Length")
         if length_header is None:
             self.close_connection = True
-            self._error(400, "PUT /budget needs a Content-Length header")
+            self._error(400, f"{self.command} {self.path} needs a Content-Length header")
             return None
         try:
             length = int(length_header)
@@ -152,7 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _other(self) -> None:
         self._route(self.command)
 
-    do_POST = do_DELETE = do_PATCH = _other
+    do_DELETE = do_PATCH = _other
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s - " + format, self.address_string(), *args)
@@ -167,6 +182,8 @@ class StatusServer:
         port: int = 0,
         get_status: Callable[[], dict] | None = None,
         on_put_budget: Callable[[dict], dict] | None = None,
+        on_post_few_shot: Callable[[dict], dict] | None = None,
+        on_put_domain: Callable[[dict], dict] | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must lie in [0, 65535], got {port}")
@@ -174,6 +191,8 @@ class StatusServer:
         self._requested_port = port
         self.get_status = get_status or dict
         self.on_put_budget = on_put_budget
+        self.on_post_few_shot = on_post_few_shot
+        self.on_put_domain = on_put_domain
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

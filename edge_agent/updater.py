@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import shared.codec  # noqa: F401 - registers the diff/sparse-v1 decoder
+import shared.da3.artefact  # noqa: F401 - registers the da3/adaptor-v1 decoder
 from edge_agent.client import FleetClient, PermanentError, TransientError
 from edge_agent.disk_budget import DataDirBudget, DiskBudgetError
 from edge_agent.download import DownloadIntegrityError, PartialDownload, fsync_dir

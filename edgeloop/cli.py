@@ -484,7 +484,7 @@ def fleet_run(
     dataset: Annotated[str, typer.Option(help="Dataset name, .npz file or class folder.")] = "fashion-mnist",
     samples_per_agent: Annotated[int, typer.Option(min=10, help="Samples each agent streams in total.")] = 1000,
     method: Annotated[str, typer.Option(help="Round method: dpu (sparse diffs) or full.")] = "dpu",
-    model_kind: Annotated[str, typer.Option(help="mlp or cnn.")] = "mlp",
+    model_kind: Annotated[str, typer.Option(help="mlp, cnn, or pmeta (a conv4/p-Meta model meta-trained by 'pmeta' rounds).")] = "mlp",
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs per round (per DPU step).")] = 10,
     params: Annotated[str | None, typer.Option(help="Extra round params as JSON.")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Keep server/agent data here (default: a temp dir, removed).")] = None,
@@ -495,6 +495,9 @@ def fleet_run(
     dress_sparsities: Annotated[str, typer.Option(help="DRESS subnet sparsities ('' for a plain model).")] = "0.5,0.8,0.9,0.95",
     budgets: Annotated[str | None, typer.Option(help='Per-agent static budgets, a JSON list cycled over the agents, e.g. \'[{}, {"energy_mj": 0.03}]\'.')] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext gRPC and REST (default: TLS, the agents pin the server's local CA).")] = False,
+    few_shot_classes: Annotated[str, typer.Option(help="With --model-kind pmeta: comma-separated dataset labels kept from every agent's stream and given to agent 0 as a few-shot support set, e.g. 7,8,9.")] = "",
+    few_shot_shots: Annotated[int, typer.Option(min=1, max=100, help="Support samples per few-shot class.")] = 5,
+    domain_shift: Annotated[bool, typer.Option("--domain-shift", help="A resnet fleet; after the rounds agent 0's images invert and it adapts a DA³ adaptor (learner da3).")] = False,
 ) -> None:
     """Start a server and N agents locally, run update rounds through REST, print a table."""
     import json as _json
@@ -509,7 +512,8 @@ def fleet_run(
                           method=method, model_kind=model_kind, epochs=epochs, extra_params=extra,
                           work_dir=work_dir, database_url=database_url, rate_per_s=rate_per_s,
                           round_timeout_s=round_timeout_s, json_out=json_out, dress_sparsities=dress_sparsities,
-                          insecure=insecure,
+                          insecure=insecure, few_shot_shots=few_shot_shots, domain_shift=domain_shift,
+                          few_shot_classes=tuple(int(c) for c in few_shot_classes.split(",") if c.strip()),
                           **({"budgets": _json.loads(budgets)} if budgets else {}))
     except (ValueError, TypeError) as exc:
         _fail(exc)
@@ -529,3 +533,29 @@ def data_info(dataset: str) -> None:
     typer.echo(f"{ds.name}: train {ds.x_train.shape} {ds.x_train.dtype}, test {ds.x_test.shape}, "
                f"{ds.num_classes} classes")
     typer.echo(f"train labels per class: {label_histogram(ds.y_train, ds.num_classes).tolist()}")
+
+
+@data_app.command("glyphs")
+def data_glyphs(
+    out: Annotated[Path, typer.Option(help="the .npz to write (a folder: FOLDER/glyphs.npz)")],
+    fonts: Annotated[list[Path] | None, typer.Option(help="font folders (default /usr/share/fonts/truetype/dejavu)")] = None,
+    samples_per_class: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """Render the deterministic many-class glyph dataset (docs/pmeta.md) for few-shot learning."""
+    import numpy as np
+
+    from shared.data.glyphs import DEFAULT_FONT_DIRS, GlyphError, build_glyphs, font_files
+
+    target = out if out.suffix == ".npz" else out / "glyphs.npz"
+    try:
+        x, y, names = build_glyphs(font_files(fonts or DEFAULT_FONT_DIRS), samples_per_class=samples_per_class,
+                                   seed=seed)  # fmt: skip
+    except GlyphError as exc:
+        _fail(exc)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    with tmp.open("wb") as fh:
+        np.savez_compressed(fh, images=x, labels=y, class_names=np.asarray(names))
+    tmp.replace(target)
+    typer.echo(f"{target}: {len(names)} classes x {samples_per_class} samples, {x.shape[1]}x{x.shape[2]} uint8")

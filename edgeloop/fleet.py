@@ -53,10 +53,34 @@ class FleetConfig:
     # TLS on both ports as users run it: the server creates its local CA in the work dir and
     # the agents (and the REST client here) pin it. True: plaintext, with the warnings.
     insecure: bool = False
+    # p-Meta (model_kind "pmeta", docs/learner.md#p-meta-few-shot-new-classes): a conv4/pmeta
+    # fleet model meta-trained on pmeta_ways-way tasks by "pmeta" rounds; agent 0 gets a
+    # support set of few_shot_shots samples of each of few_shot_classes (labels of the
+    # dataset), classes removed from every agent's stream, so the fleet model never saw them.
+    pmeta_ways: int = 5
+    few_shot_classes: tuple[int, ...] = ()
+    few_shot_shots: int = 5
+    # DA³ (docs/learner.md#da3-domain-adaptors): a resnet fleet model; agent 0 runs the da3
+    # learner and, after the last round, its camera changes: it restarts streaming the same
+    # shard with inverted pixels (domain "shifted"), adapts an adaptor over the frozen fleet
+    # backbone and recovers its accuracy. The table shows before / after.
+    domain_shift: bool = False
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1 or self.samples_per_agent < 1:
             raise ValueError("agents, rounds and samples_per_agent must be >= 1")
+        if self.few_shot_classes and self.model_kind != "pmeta":
+            raise ValueError("few_shot_classes needs model_kind 'pmeta'")
+        if self.domain_shift:
+            if self.model_kind not in ("mlp", "resnet") or self.few_shot_classes:
+                raise ValueError("domain_shift runs its own resnet fleet model (no pmeta, no few-shot)")
+            self.model_kind, self.dress_sparsities = "resnet", ""
+        if self.model_kind == "pmeta":
+            if self.method not in ("pmeta", "dpu"):
+                raise ValueError(f"model_kind 'pmeta' runs 'pmeta' rounds, not {self.method!r}")
+            self.method, self.dress_sparsities = "pmeta", ""
+            if self.few_shot_classes and not 2 <= len(self.few_shot_classes) <= self.pmeta_ways:
+                raise ValueError(f"few_shot_classes: 2 to pmeta_ways={self.pmeta_ways} classes")
 
 
 @dataclass
@@ -141,12 +165,14 @@ class LocalFleet:
         self.grpc_port = 0
         self.enrollment_token = ""
         self.ca_file: str | None = None
+        self.agent_cmds: list[tuple[list[str], dict[str, str]]] = []  # to restart one (domain shift)
 
     # --- processes ----------------------------------------------------------------------------
     def start(self) -> None:
         ready = self.work / "server.ready.json"
         ready.unlink(missing_ok=True)
-        env = {**os.environ, "EDGELOOP_MODEL_KIND": self.cfg.model_kind,
+        pmeta = self.cfg.model_kind == "pmeta"
+        env = {**os.environ, "EDGELOOP_MODEL_KIND": "conv4" if pmeta else self.cfg.model_kind,
                "EDGELOOP_DRESS_SPARSITIES": self.cfg.dress_sparsities}
         if self.cfg.database_url:
             env["EDGELOOP_DATABASE_URL"] = self.cfg.database_url
@@ -155,6 +181,18 @@ class LocalFleet:
         ds = load_dataset(self.cfg.dataset)
         env["EDGELOOP_INPUT_SHAPE"] = ",".join(str(d) for d in ds.input_shape)
         env["EDGELOOP_NUM_CLASSES"] = str(ds.num_classes)
+        dataset = self.cfg.dataset
+        if pmeta:
+            from shared.pmeta import pmeta_spec
+
+            env["EDGELOOP_MODEL_ARCH_JSON"] = pmeta_spec(ds.input_shape, self.cfg.pmeta_ways).to_json()
+            dataset = self._few_shot_data(ds)
+        if self.cfg.domain_shift:
+            from shared.models import ArchSpec
+
+            env["EDGELOOP_MODEL_ARCH_JSON"] = ArchSpec(kind="resnet", input_shape=ds.input_shape,
+                                                       num_classes=ds.num_classes, hidden=(1, 1, 1),
+                                                       channels=(8, 16, 32)).to_json()
         self.server = subprocess.Popen(
             [*_python(), "server", "run", "--data-dir", str(self.work / "server"), "--rest-port", "0",
              "--grpc-port", "0", "--ready-file", str(ready), *(["--insecure"] if self.cfg.insecure else [])],
@@ -188,13 +226,96 @@ class LocalFleet:
             budget = self.cfg.budgets[i % len(self.cfg.budgets)] if self.cfg.budgets else {}
             for key, value in budget.items():
                 agent_env[f"EDGELOOP_AGENT_BUDGET_{key.upper()}"] = str(value)
-            self.agents.append(subprocess.Popen(
-                [*_python(), "agent", "run", "--server", f"127.0.0.1:{self.grpc_port}",
-                 "--data-dir", str(self.work / f"agent-{i}"), "--name", f"sim-{i}", "--tags", "sim",
-                 "--dataset", self.cfg.dataset, "--shard-index", str(i), "--num-shards", str(self.cfg.agents),
-                 "--max-samples", str(self.cfg.samples_per_agent), "--rate-per-s", str(self.cfg.rate_per_s),
-                 "--status-port", "-1", *pin],
-                env=agent_env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=True))
+            if pmeta:
+                # A meta-trained model is an initialisation, not a classifier of the stream's
+                # labels: probation's accuracy on them says nothing, so it never rolls back.
+                agent_env["EDGELOOP_AGENT_PROBATION_MARGIN"] = "1"
+                if i == 0 and self.cfg.few_shot_classes:
+                    agent_env["EDGELOOP_AGENT_LEARNER"] = "pmeta"
+            if i == 0 and self.cfg.domain_shift:  # adapts on its newest 150 labelled samples
+                agent_env.update({f"EDGELOOP_AGENT_{k}": v for k, v in (
+                    ("LEARNER", "da3"), ("LEARNER_MIN_SAMPLES", "100"), ("LEARNER_MAX_SAMPLES", "150"),
+                    ("LEARNER_RETRAIN_EVERY", "150"), ("LEARNER_EPOCHS", "15"), ("LEARNER_LR", "0.01"))})
+            cmd = [*_python(), "agent", "run", "--server", f"127.0.0.1:{self.grpc_port}",
+                   "--data-dir", str(self.work / f"agent-{i}"), "--name", f"sim-{i}", "--tags", "sim",
+                   "--dataset", dataset, "--shard-index", str(i), "--num-shards", str(self.cfg.agents),
+                   "--max-samples", str(self.cfg.samples_per_agent), "--rate-per-s", str(self.cfg.rate_per_s),
+                   "--status-port", "-1", *pin]
+            self.agent_cmds.append((cmd, agent_env))
+            self.agents.append(subprocess.Popen(cmd, env=agent_env, stdout=sys.stderr, stderr=sys.stderr,
+                                                start_new_session=True))
+
+    def shift_domain(self) -> None:
+        """Agent 0's camera changes: restart it (same identity and models, fresh local data)
+        streaming its shard with inverted pixels, in the domain "shifted" (its own adaptor store)."""
+        import numpy as np
+
+        from shared.data import load_dataset
+
+        ds = load_dataset(self.cfg.dataset)
+        path = self.work / "shifted.npz"
+        np.savez(path, x=(255 - ds.x_train).astype(np.uint8) if ds.x_train.dtype == np.uint8 else 1 - ds.x_train,
+                 y=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
+        stop_processes([self.agents[0]])
+        # The old world's labelled samples would teach the new domain's adaptor the old one:
+        # the device starts the new domain's local data afresh (its models and identity stay).
+        for f in (self.work / "agent-0").glob("local_data.db*"):
+            f.unlink()
+        cmd, env = self.agent_cmds[0]
+        cmd = [str(path) if prev == "--dataset" else a for prev, a in zip(["", *cmd[:-1]], cmd, strict=True)]
+        self.agents[0] = subprocess.Popen(cmd, env={**env, "EDGELOOP_AGENT_LEARNER_DOMAIN": "shifted"},
+                                          stdout=sys.stderr, stderr=sys.stderr, start_new_session=True)
+
+    def wait_for_adaptation(self, derivations: int, timeout: float) -> dict[str, Any] | None:
+        """Agent 0's device view once its learner derived ``derivations`` times since its start."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            for d in self.get("/devices?limit=1000")["data"]:
+                m = d.get("metrics") or {}
+                # A named domain: a heartbeat of the restarted agent, not the old process's.
+                if d.get("name") == "sim-0" and m.get("learner_derivations", 0) >= derivations \
+                        and m.get("learner_domain_named") == 1.0 \
+                        and m.get("learner_personal_accuracy") is not None:
+                    return d
+            time.sleep(0.5)
+        return None
+
+    def _few_shot_data(self, ds: Any) -> str:
+        """The agents' dataset without the few-shot classes (an .npz in the work dir), and agent
+        0's support set of them (``agent-0/few-shot/class-<c>/<i>.npy``, from the test split)."""
+        import numpy as np
+
+        held = list(self.cfg.few_shot_classes)
+        if not held:
+            return self.cfg.dataset
+        if any(not 0 <= c < ds.num_classes for c in held):
+            raise ValueError(f"few_shot_classes must lie in [0, {ds.num_classes})")
+        keep, keep_t = ~np.isin(ds.y_train, held), ~np.isin(ds.y_test, held)
+        path = self.work / "fleet-classes.npz"
+        np.savez(path, x=ds.x_train[keep], y=ds.y_train[keep], x_test=ds.x_test[keep_t], y_test=ds.y_test[keep_t])
+        rng = np.random.default_rng(0)
+        for c in held:
+            folder = self.work / "agent-0" / "few-shot" / f"class-{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            idx = rng.choice(np.flatnonzero(ds.y_test == c), size=self.cfg.few_shot_shots, replace=False)
+            for j, k in enumerate(idx):
+                np.save(folder / f"{j}.npy", ds.x_test[k], allow_pickle=False)
+        return str(path)
+
+    def wait_for_personal(self, model_hash: str | None, timeout: float) -> dict[str, Any] | None:
+        """The few-shot agent's device view once its heartbeat shows a personal model on
+        ``model_hash`` (None: on any model), or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            for d in self.get("/devices?limit=1000")["data"]:
+                m = d.get("metrics") or {}
+                if d.get("name") == "sim-0" and m.get("learner_serving_personal") == 1.0 and (
+                        model_hash is None or d.get("model_hash") == model_hash):
+                    return d
+            time.sleep(0.5)
+        return None
 
     def stop(self) -> None:
         stop_processes([*self.agents, *([self.server] if self.server else [])])
@@ -234,7 +355,7 @@ class LocalFleet:
 
     def run_round(self, number: int) -> RoundRow:
         assert self.api is not None
-        params = {"epochs": self.cfg.epochs, **self.cfg.extra_params}
+        params = {**({} if self.cfg.method == "pmeta" else {"epochs": self.cfg.epochs}), **self.cfg.extra_params}
         t0 = time.monotonic()
         r = self.api.post("/rounds", json={"method": self.cfg.method, "cohort": {"all": True}, "params": params})
         if r.status_code >= 400:
@@ -310,15 +431,49 @@ def render_table(rows: list[RoundRow], console: Console) -> None:
 
 def render_devices(devices: list[dict[str, Any]], console: Console) -> None:
     table = Table(title="agents at the end of the run")
-    for col in ("agent", "model", "active subnet", "budget", "budget hits / misses", "accuracy"):
+    # p-Meta: the few-shot columns appear only when some agent learns locally (learner metrics).
+    few_shot = any("learner_personal_accuracy" in (d.get("metrics") or {}) for d in devices)
+    cols = ["agent", "model", "active subnet", "budget", "budget hits / misses", "accuracy"]
+    if few_shot:
+        cols += ["few-shot acc (held out)", "adapt saved-for-backward", "adapt s"]
+    for col in cols:
         table.add_column(col, justify="right")
     for d in devices:
         m = d.get("metrics") or {}
         budget = ", ".join(f"{k}={v:g}" for k, v in (d.get("budget") or {}).items()) or "none"
         acc = m.get("recent_accuracy", m.get("accuracy"))
-        table.add_row(d.get("name", d["id"]), (d.get("model_hash") or "-")[:12], str(d.get("active_subnet", -1)),
-                      budget, f"{int(m.get('budget_hits', 0))} / {int(m.get('budget_misses', 0))}", _fmt_acc(acc))
+        row = [d.get("name", d["id"]), (d.get("model_hash") or "-")[:12], str(d.get("active_subnet", -1)),
+               budget, f"{int(m.get('budget_hits', 0))} / {int(m.get('budget_misses', 0))}", _fmt_acc(acc)]
+        if few_shot:
+            saved = m.get("learner_saved_bytes")
+            row += [_fmt_acc(m.get("learner_personal_accuracy")),
+                    "-" if saved is None else f"{saved / 1024:.1f} KiB",
+                    "-" if m.get("learner_seconds") is None else f"{m['learner_seconds']:.2f}"]
+        table.add_row(*row)
     console.print(table)
+
+
+def _run_domain_shift(fleet: LocalFleet, console: Console, timeout: float) -> bool:
+    """Shift agent 0's domain, wait for it to adapt on shifted samples only, print the table."""
+    before = next((d for d in fleet.get("/devices?limit=1000")["data"] if d.get("name") == "sim-0"), {})
+    acc_before = (before.get("metrics") or {}).get("recent_accuracy", (before.get("metrics") or {}).get("accuracy"))
+    console.print("domain shift: sim-0's camera now inverts its images (domain 'shifted'); adapting a DA³ adaptor")
+    fleet.shift_domain()
+    view = fleet.wait_for_adaptation(1, max(timeout, 180.0))  # on >= 100 shifted samples only
+    table = Table(title="sim-0: domain shift and DA³ adaptation (held-out local samples)")
+    for col in ("before the shift", "fleet model after the shift", "adapted (da3)", "gate sparsity",
+                "saved for backward", "adapt s", "adaptor params"):
+        table.add_column(col, justify="right")
+    if view is None:
+        console.print("[red]sim-0 did not adapt in time[/red]")
+        return False
+    m = view["metrics"]
+    table.add_row(_fmt_acc(acc_before), _fmt_acc(m.get("learner_base_accuracy")),
+                  _fmt_acc(m.get("learner_personal_accuracy")), f"{100 * m.get('learner_gate_sparsity', 0):.1f}%",
+                  f"{m.get('learner_saved_bytes', 0) / 1024:.1f} KiB", f"{m.get('learner_seconds', 0):.2f}",
+                  f"{int(m.get('learner_trainable_params', 0)):,}")
+    console.print(table)
+    return m.get("learner_personal_accuracy", 0) >= m.get("learner_base_accuracy", 1)
 
 
 def run_fleet(cfg: FleetConfig) -> FleetResult:
@@ -341,8 +496,17 @@ def run_fleet(cfg: FleetConfig) -> FleetResult:
             console.print(f"round {r}: {row.status} in {row.wall_s:.1f}s, val acc {_fmt_acc(row.val_accuracy)}, "
                           f"{row.agents_on_version}/{row.agents_total} agents on the new version")
         render_table(rows, console)
+        personal_ok = True
+        if cfg.few_shot_classes:
+            last = next((r.model_hash for r in reversed(rows) if r.status == "done"), None)
+            view = fleet.wait_for_personal(last, per_round_timeout)
+            personal_ok = view is not None
+            console.print(f"few-shot agent sim-0: {'serving a personal model of classes ' if view else 'no personal model for classes '}"
+                          f"{list(cfg.few_shot_classes)} ({cfg.few_shot_shots} shots each, never seen by the fleet)")
+        if cfg.domain_shift:
+            personal_ok = _run_domain_shift(fleet, console, per_round_timeout)
         render_devices(fleet.get("/devices?limit=1000")["data"], console)
-        ok = all(r.status in ("done", "skipped") for r in rows) and all(
+        ok = personal_ok and all(r.status in ("done", "skipped") for r in rows) and all(
             r.agents_on_version + r.agents_rolled_back == r.agents_total for r in rows if r.status == "done")
         if cfg.json_out:
             cfg.json_out.parent.mkdir(parents=True, exist_ok=True)

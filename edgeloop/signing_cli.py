@@ -150,3 +150,47 @@ def sign_statements(
                                    "signature": signature.hex()}))
     except (ValueError, KeyError, TypeError) as exc:
         _fail(ValueError(f"statements: {exc}"))
+
+
+@sign_app.command("rotate")
+def sign_rotate(
+    key: Annotated[Path, typer.Option(help="The current private key file.")],
+    out: Annotated[Path, typer.Option(help="Where to write the new private key (mode 0600; never overwritten).")],
+) -> None:
+    """Rotate the key holder's key offline: writes a new key and prints the key statement (the new
+    public key, signed by the current key) as the JSON body of POST /api/v1/signing/statements."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from server.signing import read_key_file, write_key_file
+    from shared import signing as sig
+
+    current = _guard(lambda: read_key_file(key))
+    new = Ed25519PrivateKey.generate()
+    try:
+        write_key_file(out, new)
+    except FileExistsError:
+        _fail(FileExistsError(f"{out} exists; not overwriting a key"))
+    body, signature = sig.sign_key_statement(current, sig.raw_public_key(new))
+    typer.echo(json.dumps({"statement": body.decode(), "signature": signature.hex()}))
+    typer.echo(f"new key {sig.key_id(sig.raw_public_key(new))}: countersign with GET "
+               f"/api/v1/artefacts/unsigned?key_id=<it> and `edgeloop sign statements --key {out}`", err=True)
+
+
+@sign_app.command("retire")
+def sign_retire(
+    key: Annotated[Path, typer.Option(help="The current private key file (the new key after a rotation).")],
+    key_ids: Annotated[list[str], typer.Argument(help="Ids of the keys to retire (hex SHA-256).")],
+) -> None:
+    """Prints a key statement, signed by the current key, retiring ``key_ids`` (JSON body of
+    POST /api/v1/signing/statements). Retire an old key once every artefact agents may still
+    fetch is countersigned by the new one and every agent has seen the new key."""
+    from server.signing import read_key_file
+    from shared import signing as sig
+
+    current = _guard(lambda: read_key_file(key))
+    public = sig.raw_public_key(current)
+    try:
+        body, signature = sig.sign_key_statement(current, public, retire=key_ids)
+    except sig.SignatureError as exc:
+        _fail(ValueError(f"retire: {exc}"))
+    typer.echo(json.dumps({"statement": body.decode(), "signature": signature.hex()}))

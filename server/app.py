@@ -24,7 +24,7 @@ from server.db.engine import transaction
 from server.domain import enrollment
 from server.grpc_api.servicer import FleetServicer
 from server.settings import ServerSettings
-from server.tls import ServerTLS, server_tls
+from server.tls import ServerTLS, ca_paths, server_tls
 from server.worker import RoundWorker
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class EdgeLoopServer:
         self.ctx = ServerContext.open(settings, run_migrations=settings.migrate_on_start)
         self.worker = _round_worker(self.ctx) if settings.embedded_worker else None
         self.grpc_port = 0
+        self.mtls_port = 0  # bound only with settings.mtls
         self.rest_port = 0
         self._grpc: grpc.Server | None = None
         self._uvicorn: uvicorn.Server | None = None
@@ -89,30 +90,56 @@ class EdgeLoopServer:
         if tls.ca_file is None:  # the operator's files: served as given, renewed by the operator
             return grpc.ssl_server_credentials([(tls.key_pem, tls.chain_pem)])
         initial = grpc.ssl_server_certificate_configuration([(tls.key_pem, tls.chain_pem)])
+        self._served_chain = tls.chain_pem
         return grpc.dynamic_ssl_server_credentials(initial, self._renewed_certificate)
 
+    def _mtls_credentials(self, tls: ServerTLS) -> grpc.ServerCredentials:
+        """The mTLS port: the same server certificate, and a client certificate issued by the
+        local CA required on every connection (docs/security.md#mutual-tls)."""
+        client_ca = ca_paths(self.settings.data_dir)[0].read_bytes()
+        self._mtls_chain = tls.chain_pem
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            self._refresh_tls()  # the throttled re-check, shared with the first port
+            current = self.tls
+            if current is None or current.chain_pem == self._mtls_chain:
+                return None
+            self._mtls_chain = current.chain_pem
+            return grpc.ssl_server_certificate_configuration([(current.key_pem, current.chain_pem)], client_ca)
+
+        initial = grpc.ssl_server_certificate_configuration([(tls.key_pem, tls.chain_pem)], client_ca)
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+
     def _renewed_certificate(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC asks before each handshake (None: keep the current one). At most every
-        TLS_RECHECK_S, re-run the start-up check, so a long-running server re-issues its
-        certificate before expiry; REST takes the new one for its next connections too."""
+        """gRPC asks before each handshake (None: keep the current one)."""
+        self._refresh_tls()
+        current = self.tls
+        if current is None or current.chain_pem == self._served_chain:
+            return None
+        self._served_chain = current.chain_pem
+        return grpc.ssl_server_certificate_configuration([(current.key_pem, current.chain_pem)])
+
+    def _refresh_tls(self) -> None:
+        """At most every TLS_RECHECK_S, re-run the start-up check, so a long-running server
+        re-issues its certificate before expiry; REST takes the new one for its next
+        connections too, each gRPC port at its next handshake."""
         with self._tls_lock:
             now = time.monotonic()
             if now - self._tls_checked < TLS_RECHECK_S:
-                return None
+                return
             self._tls_checked = now
             try:
                 fresh = server_tls(self.settings)
             except Exception:  # noqa: BLE001 - keep serving the current certificate; say why
                 log.exception("TLS: checking the server certificate failed; keeping the current one")
-                return None
+                return
             if self.tls is not None and fresh.chain_pem == self.tls.chain_pem:
-                return None
+                return
             self.tls = fresh
             rest_ssl = self._uvicorn.config.ssl if self._uvicorn is not None else None
             if rest_ssl is not None:  # new REST connections get the new certificate
                 rest_ssl.load_cert_chain(str(fresh.cert_file), str(fresh.key_file))
             log.info("TLS: serving the re-issued server certificate (valid until %s)", f"{fresh.not_after:%Y-%m-%d}")
-            return grpc.ssl_server_certificate_configuration([(fresh.key_pem, fresh.chain_pem)])
 
     def start(self) -> None:
         s = self.settings
@@ -130,8 +157,8 @@ class EdgeLoopServer:
         ]
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_max_workers, thread_name_prefix="grpc"),
                                  options=opts, maximum_concurrent_rpcs=s.grpc_max_workers)
-        pb_grpc.add_EdgeFleetServicer_to_server(
-            FleetServicer(s, self.ctx.factory, self.ctx.blobs, self.ctx.targets_changed), self._grpc)
+        servicer = FleetServicer(s, self.ctx.factory, self.ctx.blobs, self.ctx.targets_changed)
+        pb_grpc.add_EdgeFleetServicer_to_server(servicer, self._grpc)
         self.tls = tls = self._load_tls()
         address = f"{s.grpc_host}:{s.grpc_port}"
         if tls is None:
@@ -140,6 +167,14 @@ class EdgeLoopServer:
             self.grpc_port = self._grpc.add_secure_port(address, self._grpc_credentials(tls))
         if self.grpc_port == 0:
             raise RuntimeError(f"cannot bind gRPC to {s.grpc_host}:{s.grpc_port}")
+        if s.mtls:
+            assert tls is not None  # settings refuse mtls with insecure
+            self.mtls_port = self._grpc.add_secure_port(f"{s.grpc_host}:{s.mtls_port}", self._mtls_credentials(tls))
+            if self.mtls_port == 0:
+                raise RuntimeError(f"cannot bind the mTLS port to {s.grpc_host}:{s.mtls_port}")
+            servicer.mtls_port = self.mtls_port
+            log.info("mutual TLS: port %d requires client certificates; port %d serves only Register",
+                     self.mtls_port, self.grpc_port)
         self._grpc.start()
         sock = _bind(s.rest_host, s.rest_port)
         self.rest_port = sock.getsockname()[1]
@@ -161,6 +196,7 @@ class EdgeLoopServer:
         tmp = path.with_suffix(".tmp")
         tls = self.tls
         tmp.write_text(json.dumps({"pid": os.getpid(), "rest_port": self.rest_port, "grpc_port": self.grpc_port,
+                                   "mtls_port": self.mtls_port,
                                    "tls": tls is not None,
                                    "ca_file": str(tls.ca_file) if tls is not None and tls.ca_file else None,
                                    "ca_fingerprint": tls.ca_fingerprint if tls is not None else None}))

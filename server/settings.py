@@ -32,6 +32,9 @@ class ServerSettings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file (both or neither).")
     tls_hostnames: str = Field("", description="Comma-separated DNS names and IP addresses the generated server certificate is valid for; agents must dial one of them. Empty: localhost, 127.0.0.1, ::1 and this machine's host name and FQDN. Specific (non-wildcard) bind addresses are always added.")
     tls_cert_days: int = Field(365, ge=2, le=825, description="Validity of a generated server certificate; it is re-issued (checked at start and hourly while running) when it expires within 30 days or the host names change (the CA, valid 10 years, stays).")
+    mtls: bool = Field(False, description="Mutual TLS for agents: serve every call but Register on a second gRPC port (mtls_port) that requires a client certificate issued by the local CA at Register; the first port then answers only Register. Needs TLS (not insecure).")
+    mtls_port: int = Field(50052, ge=0, le=65535, description="gRPC port requiring client certificates when mtls is on (0 picks a free one); bound on grpc_host.")
+    client_cert_days: int = Field(90, ge=2, le=825, description="Validity of a client certificate issued to an agent when mtls is on; the agent renews it at two thirds of its lifetime.")
     operator_token: str = Field("", description="Optional pre-provisioned admin API token for automation, stored hashed at start (token name env-admin; changing it replaces the old one). Empty: use tokens from `edgeloop server token create` and the first-start file <data_dir>/operator-token.")
     metrics_public: bool = Field(False, description="Serve /metrics without a token (for a Prometheus scraper on a trusted network). False: /metrics needs a read token.")
     model_kind: str = Field("mlp", description=f"Fleet model architecture: one of {KINDS}.")
@@ -51,6 +54,9 @@ class ServerSettings(BaseSettings):
     register_burst: int = Field(10, ge=1, description="Failed Register calls a source may make at once before register_rate_per_s applies.")
     device_rate_per_s: float = Field(5.0, ge=0, allow_inf_nan=False, description="gRPC calls (Heartbeat, UploadSamples, GetUpdate, WatchUpdates) each device may make per second, refilled continuously (0: no limit). Over it: RESOURCE_EXHAUSTED with a retry-after-ms hint the agent honours.")
     device_burst: int = Field(50, ge=1, description="gRPC calls a device may make at once before device_rate_per_s applies.")
+    rest_auth_fail_rate_per_s: float = Field(0.2, ge=0, allow_inf_nan=False, description="REST calls answered 401 (no, wrong, expired or revoked operator token) each source address may make per second, refilled continuously; all sources together get 10 times this (0: no limit). Over it: 429 with Retry-After, before the token is checked or the call audited.")
+    rest_auth_fail_burst: int = Field(20, ge=1, description="REST calls answered 401 a source may make at once before rest_auth_fail_rate_per_s applies (all sources together: 10 times this).")
+    device_max_streams: int = Field(4, ge=0, description="Streaming calls (WatchUpdates, GetUpdate, UploadSamples) one device may hold open at once (0: no limit); the reference agent holds at most 3. Over it: RESOURCE_EXHAUSTED with a retry-after-ms hint of 5 s.")
     rate_limit_max_keys: int = Field(100_000, ge=1, description="Rate-limit buckets kept per limiter (devices, source addresses); the least recently used is dropped first.")
     chunk_bytes: int = Field(256 << 10, ge=1 << 10, le=4 << 20, description="Default GetUpdate chunk size.")
     watch_max_seconds: int = Field(300, ge=1, description="WatchUpdates streams end after this long.")
@@ -96,6 +102,8 @@ class ServerSettings(BaseSettings):
     def _tls_files_paired(self) -> ServerSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither (a local CA issues one)")
+        if self.mtls and self.insecure:
+            raise ValueError("mtls needs TLS: unset insecure, or mtls")
         return self
 
     @model_validator(mode="after")

@@ -34,7 +34,7 @@ from server.db.models import Artefact, ArtefactSignatureRecord, KeyStatementReco
 from server.domain.errors import ConflictError, InvalidArgumentError, NotFoundError
 from server.settings import ServerSettings
 from server.store.blobs import BlobNotFoundError, BlobStore
-from server.store.durable import fsync_dir
+from server.store.durable import fsync_dir, write_private_file
 from shared import signing as sig
 
 log = logging.getLogger(__name__)
@@ -52,21 +52,7 @@ def key_path(settings: ServerSettings) -> Path:
 def write_key_file(path: Path, key: Ed25519PrivateKey, *, replace: bool = False) -> None:
     """Mode 0600 from creation, fsynced, then linked into place (no clobbering an existing key
     unless ``replace``: two processes starting at once agree on one key), directory fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(sig.private_key_pem(key))
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # FileExistsError if another process won
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    write_private_file(path, sig.private_key_pem(key), replace=replace)
 
 
 def read_key_file(path: Path) -> Ed25519PrivateKey:
@@ -257,7 +243,8 @@ def rotate(settings: ServerSettings, factory: sessionmaker[Session], blobs: Blob
 
     Crash-safe: the new key is first written to ``<key>.next``; a rerun resumes with it."""
     if settings.signing_mode != "local":
-        raise ConflictError("rotation of an external key is the key holder's (docs/security.md)")
+        raise ConflictError("in signing_mode=external the key holder rotates: `edgeloop sign rotate`, then "
+                            "POST /api/v1/signing/statements (docs/security.md)")
     path = key_path(settings)
     old = read_key_file(path)
     nxt_path = path.with_name(path.name + ".next")
@@ -288,7 +275,8 @@ def retire(settings: ServerSettings, factory: sessionmaker[Session], key_id: str
     """Withdraw trust from ``key_id``: a statement by the current key retiring it; the key is
     no longer sent at enrollment, and agents that process the statement drop it."""
     if settings.signing_mode != "local":
-        raise ConflictError("retiring keys of an external key holder is not supported yet")
+        raise ConflictError("in signing_mode=external the key holder retires keys: `edgeloop sign retire`, "
+                            "then POST /api/v1/signing/statements (docs/security.md)")
     current = read_key_file(key_path(settings))
     cur_pub = sig.raw_public_key(current)
     if sig.key_id(cur_pub) == key_id:
@@ -337,12 +325,53 @@ def add_signature(session: Session, sha256: str, key_id: str, signature: bytes) 
     return row
 
 
-def unsigned_statements(session: Session) -> list[dict]:
-    """What an external key holder signs: artefacts not signed by any trusted key yet, as
-    statement fields (the key id is the signer's to fill in)."""
-    trusted = {r.key_id for r in session.scalars(select(SigningKey).where(SigningKey.retired_at.is_(None)))}
+def unsigned_statements(session: Session, key_id: str | None = None) -> list[dict]:
+    """What an external key holder signs: artefacts not signed by any trusted key yet (or, with
+    ``key_id``, not by that key: what to countersign after a rotation), as statement fields
+    (the key id is the signer's to fill in)."""
+    if key_id is not None:
+        trusted = {key_id}
+    else:
+        trusted = {r.key_id for r in session.scalars(select(SigningKey).where(SigningKey.retired_at.is_(None)))}
     signed = {r.artefact_sha256 for r in session.scalars(select(ArtefactSignatureRecord))
               if r.key_id in trusted}
     return [{"artefact_sha256": a.sha256, "encoding": a.encoding, "size": a.size,
              "target_model_hash": a.target_model_hash, "base_model_hash": a.base_model_hash}
             for a in session.scalars(select(Artefact).order_by(Artefact.created_at)) if a.sha256 not in signed]
+
+
+def add_key_statement(settings: ServerSettings, session: Session, body: bytes, signature: bytes) -> KeyStatementRecord:
+    """A key statement uploaded by the external key holder (``edgeloop sign rotate|retire``):
+    it announces a key (rotation: the new key, signed by a trusted one) and may retire others.
+    Stored and applied (the announced key trusted, the retired ones retired) only if it verifies
+    under a trusted, non-retired key; agents get it with every GetUpdate, like a local rotation's.
+    Idempotent. Retirement is permanent: a statement announcing a retired key is refused."""
+    if settings.signing_mode != "external":
+        raise ConflictError("key statements are uploaded in signing_mode=external; in local mode use "
+                            "`edgeloop server signing rotate|retire`")
+    rows = {r.key_id: r for r in session.scalars(select(SigningKey))}
+    trusted = {kid: bytes(r.public_key) for kid, r in rows.items() if r.retired_at is None}
+    try:
+        st = sig.verify_key_statement(trusted, body, signature)
+    except sig.SignatureError as exc:
+        raise InvalidArgumentError(f"key statement refused: {exc}") from exc
+    existing = session.scalars(select(KeyStatementRecord).where(KeyStatementRecord.statement == body)).first()
+    if existing is not None:
+        return existing
+    announced = rows.get(st.key_id)
+    if announced is not None and announced.retired_at is not None:
+        raise InvalidArgumentError(f"key {st.key_id[:16]} was retired; retirement is permanent")
+    for kid in st.retire_key_ids:
+        if kid not in rows:
+            raise InvalidArgumentError(f"cannot retire {kid[:16]}: not a key of this server")
+    _trust(session, st.public_key)
+    now = utcnow()
+    for kid in st.retire_key_ids:
+        if rows[kid].retired_at is None:
+            rows[kid].retired_at = now
+    row = KeyStatementRecord(key_id=st.key_id, signer_key_id=st.signer_key_id, statement=body, signature=signature)
+    session.add(row)
+    session.flush()
+    log.info("external signing: key statement by %s stored (announces %s, retires %s)", st.signer_key_id[:16],
+             st.key_id[:16], ", ".join(k[:16] for k in st.retire_key_ids) or "none")
+    return row

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.store.durable import fsync_dir
+from server.store.durable import write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +121,9 @@ def _now() -> dt.datetime:
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data``, created with ``mode`` (a key is never readable by others,
-    not even for an instant), fsynced, renamed, directory fsynced."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # a stale temp file (crash, reused pid) keeps its old mode under O_TRUNC
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask; set it exactly
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """Replace ``path`` with ``data`` (mode ``mode`` from creation; see
+    :func:`server.store.durable.write_private_file`)."""
+    write_private_file(path, data, mode=mode)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -300,3 +287,69 @@ def server_tls(settings) -> ServerTLS:  # noqa: ANN001 - ServerSettings (imports
     names = configured_hostnames(settings.tls_hostnames, (settings.rest_host, settings.grpc_host))
     return ensure_server_tls(settings.data_dir, hostnames=names, cert_days=settings.tls_cert_days,
                              cert_file=settings.tls_cert_file, key_file=settings.tls_key_file)
+
+
+# --- client certificates for mutual TLS (docs/security.md#mutual-tls) -------------------------
+
+CLIENT_CERT_DAYS = 90
+MAX_CSR_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class IssuedClientCert:
+    pem: bytes
+    fingerprint: str  # sha256 hex of the DER
+    serial: str  # hex
+    not_after: dt.datetime
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """A device's CSR (PEM or DER), checked: self-signed correctly, an ECDSA P-256 key (what
+    the reference agent makes; BoringSSL verifies it). Raises ValueError saying what is wrong."""
+    if not data or len(data) > MAX_CSR_BYTES:
+        raise ValueError(f"client_csr must be 1 to {MAX_CSR_BYTES} bytes")
+    try:
+        csr = (x509.load_pem_x509_csr(data) if data.lstrip().startswith(b"-----")
+               else x509.load_der_x509_csr(data))
+    except ValueError as exc:
+        raise ValueError(f"client_csr is not a certificate signing request ({exc})") from exc
+    if not csr.is_signature_valid:
+        raise ValueError("client_csr's signature does not verify (the CSR must be signed by its own key)")
+    key = csr.public_key()
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise ValueError("client_csr must carry an ECDSA P-256 public key")
+    return csr
+
+
+def issue_client_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+                      csr: x509.CertificateSigningRequest, device_id: str,
+                      days: int = CLIENT_CERT_DAYS) -> IssuedClientCert:
+    """A ``clientAuth`` certificate for ``device_id`` (CN and DNS SAN; the CSR's subject is
+    ignored) over the CSR's key, signed by the local CA."""
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .issuer_name(ca_cert.subject).public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE).not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(device_id)]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return IssuedClientCert(_pem(cert), fingerprint(cert), format(cert.serial_number, "x"), cert.not_valid_after_utc)
+
+
+def peer_certificate(auth_context: dict) -> x509.Certificate | None:
+    """The client certificate gRPC verified on a port that requires one (None elsewhere)."""
+    pems = auth_context.get("x509_pem_cert") or []
+    if not pems:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(pems[0])
+    except ValueError:
+        return None

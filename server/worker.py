@@ -45,6 +45,7 @@ from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
 from server.training import state_store
+from server.training.da3 import backbone_version
 from server.training.policy import PolicyState, RoundInputs, RoundOutcome, UpdatePolicy
 from server.training.registry import get_policy
 from shared.models import ArchSpec
@@ -212,8 +213,10 @@ class RoundWorker:
         arch = self.settings.arch
         devices = resolve_cohort(s, rnd.cohort)
         base = base_version(s, devices, rnd.lineage)
+        if base is not None and policy.name != "da3":  # other methods train the fleet backbone
+            base = backbone_version(s, base)
         base_hash = base.model_hash if base else None
-        base_state = load_state(s, self.blobs, base_hash)[1] if base_hash else None
+        base_arch, base_state = load_state(s, self.blobs, base_hash) if base_hash else (None, None)
         state: PolicyState | None = None
         generation, note = 0, ""
         if policy.State is not None:
@@ -231,6 +234,7 @@ class RoundWorker:
         inputs = RoundInputs(
             arch=arch, base_state=base_state, base_hash=base_hash, base_method=base.method if base else None,
             data=data, params=params, progress=self._progress_fn(round_id, bar), state=state,
+            base_arch=base_arch,
         )
         return _Started(policy, inputs, rnd.lineage, generation, note)
 
@@ -302,7 +306,7 @@ class RoundWorker:
                 parent = seeded.model_hash
                 metrics["reinit_version"] = seeded.number
             mv = publish_version(
-                s, self.blobs, arch=arch, state=outcome.model, parent_hash=parent, method=rnd.method,
+                s, self.blobs, arch=outcome.arch or arch, state=outcome.model, parent_hash=parent, method=rnd.method,
                 metrics=metrics, round_id=round_id, reinit_seed=outcome.reinit_seed,
                 fleet_default=fleet_default, lineage=rnd.lineage,
             )

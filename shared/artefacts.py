@@ -71,10 +71,16 @@ _DECODERS: dict[str, Decoder] = {}
 _SNIFFERS: list[tuple[Callable[[bytes], bool], str]] = []
 
 
-def register_decoder(encoding: str, decoder: Decoder, sniff: Callable[[bytes], bool]) -> None:
-    """Plug in a decoder (the diff codec does this); ``sniff`` recognises its bytes."""
+def register_decoder(encoding: str, decoder: Decoder, sniff: Callable[[bytes], bool], *,
+                     first: bool = False) -> None:
+    """Plug in a decoder (the diff codec does this); ``sniff`` recognises its bytes. ``first``:
+    sniff before the decoders registered so far (a more specific safetensors encoding, e.g.
+    ``da3/adaptor-v1``, must be tried before the full model's catch-all sniffer)."""
     _DECODERS[encoding] = decoder
-    _SNIFFERS.append((sniff, encoding))
+    if first:
+        _SNIFFERS.insert(0, (sniff, encoding))
+    else:
+        _SNIFFERS.append((sniff, encoding))
 
 
 def sniff_encoding(data: bytes) -> str:

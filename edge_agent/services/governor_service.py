@@ -163,8 +163,10 @@ class GovernorService:
                 decision = self.governor.decide()
             else:
                 decision = self.governor.update_profiles(profiles)
-            self.governed_hash = model_hash
+            # Applied before it counts as governed: a reader that sees ``governed`` then also
+            # sees the runner on the decided subnet.
             self._apply(decision, model_hash)
+            self.governed_hash = model_hash
         log.info("profiled %d subnets of %s in %.2f s; running subnet %d (%s)", len(profiles),
                  model_hash[:12], self.profile_seconds, self.runner.active_subnet, decision.reason)
 

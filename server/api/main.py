@@ -9,6 +9,10 @@ token unless ``metrics_public``. Mutating calls are audited (server/api/audit.py
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import math
+import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -31,6 +35,9 @@ from server.api.routes import (
 )
 from server.context import ServerContext
 from server.domain.operators import ensure_operator_access
+from server.grpc_api.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 UNAVAILABLE_TEXT = ("The database is unreachable: the token cannot be checked, or (a mutating call) its audit "
@@ -39,6 +46,82 @@ UNAVAILABLE_TEXT = ("The database is unreachable: the token cannot be checked, o
 # each naming sample and device, is about 1.4 MB.
 MAX_BODY_BYTES = 2 << 20
 TOO_LARGE = "request body exceeds {limit} bytes"
+TOO_MANY_FAILURES = ("too many calls without a valid operator token from {source}; retry in {wait} s "
+                     "(refused before the token, the database or the audit log are touched)")
+GLOBAL_FAILURE_FACTOR = 10  # the all-sources budget of 401s: 10 times one source's
+_ALL_SOURCES = "*"
+
+
+def rest_source(scope: Scope) -> str:
+    """The rate-limit key of an HTTP client: its address (IPv6 by /64). Behind a proxy every
+    caller is the proxy's address: forwarded headers are not trusted (docs/security.md)."""
+    host = (scope.get("client") or ("unknown", 0))[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class AuthFailureLimitMiddleware:
+    """Outermost: limits calls answered ``401`` (no, malformed, unknown, expired or revoked
+    token), per source address and for all sources together, counting failures only (like
+    gRPC's Register: every call takes a token, any answer but 401 gives it back, so guesses
+    in flight cannot all slip in). Over either budget the call gets ``429`` with
+    ``Retry-After`` at once, before the token is looked up and before the audit middleware
+    writes a row: refused anonymous calls reach the audit log (and the database) at most at
+    the global rate (docs/security.md#audit-log)."""
+
+    def __init__(self, app: ASGIApp, rate_per_s: float, burst: int, max_keys: int) -> None:
+        self.app = app
+        self.per_source = RateLimiter(rate_per_s, burst, max_keys=max_keys)
+        self.overall = RateLimiter(rate_per_s * GLOBAL_FAILURE_FACTOR, burst * GLOBAL_FAILURE_FACTOR, max_keys=1)
+        self.refused = 0  # calls answered 429 since the last summary log line
+        self._last_log = -math.inf
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or not self.per_source.enabled or scope["path"] in OPEN_PATHS
+                or not (scope["path"].startswith(API_PREFIX + "/") or scope["path"] == "/metrics")):
+            await self.app(scope, receive, send)
+            return
+        source = rest_source(scope)
+        wait = self.per_source.try_acquire(source)
+        if wait == 0:
+            wait = self.overall.try_acquire(_ALL_SOURCES)
+            if wait > 0:
+                self.per_source.refund(source)
+        if wait > 0:
+            await self._refuse(scope, receive, send, source, wait)
+            return
+        status = 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if status != 401:  # only failed authentications count
+                self.per_source.refund(source)
+                self.overall.refund(_ALL_SOURCES)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, source: str, wait: float) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_log >= 60:  # one summary a minute, not a line per refusal
+            log.warning("REST: refused %d calls over the failed-authentication limit in the last minute "
+                        "(latest from %s)", self.refused, source)
+            self.refused, self._last_log = 0, now
+        seconds = max(1, math.ceil(wait))
+        await error_response(429, TOO_MANY_FAILURES.format(source=source, wait=seconds),
+                             {"Retry-After": str(seconds)})(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -125,6 +208,10 @@ def create_app(ctx: ServerContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> F
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     # Outermost, so refused calls (413s included) are audited too.
     app.add_middleware(AuditMiddleware, fastapi_app=app, prefix=API_PREFIX, action_of=operation_id)
+    # Outside the audit log: a guesser over its budget costs neither a row nor a lookup.
+    s = ctx.settings
+    app.add_middleware(AuthFailureLimitMiddleware, rate_per_s=s.rest_auth_fail_rate_per_s,
+                       burst=s.rest_auth_fail_burst, max_keys=s.rate_limit_max_keys)
 
     api = APIRouter(prefix=API_PREFIX)
     for module in (devices, samples, models, rounds, tokens, audit, enrollment, signing):

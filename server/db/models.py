@@ -294,3 +294,18 @@ class ArtefactSignatureRecord(Base):
     key_id: Mapped[str] = mapped_column(HASH, primary_key=True)
     signature: Mapped[bytes] = mapped_column(LargeBinary(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeviceClientCertificate(Base):
+    """A client certificate the server's CA issued to a device for mutual TLS (issue 9): the
+    mTLS port accepts a peer certificate only if its fingerprint is here, for the device
+    whose credential the call presents, unexpired and not revoked (docs/security.md)."""
+
+    __tablename__ = "device_client_certificates"
+
+    fingerprint: Mapped[str] = mapped_column(HASH, primary_key=True)  # SHA-256 of the DER
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    serial: Mapped[str] = mapped_column(String(40))  # hex
+    not_after: Mapped[datetime]
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)  # re-registration revokes older ones

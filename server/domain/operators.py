@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 from datetime import datetime, timedelta, timezone
@@ -27,6 +26,7 @@ from server.db.base import utcnow
 from server.db.engine import transaction
 from server.db.models import OperatorToken
 from server.domain.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
+from server.store.durable import write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -192,20 +192,9 @@ def read_bootstrap_token(data_dir: Path) -> str:
 
 
 def write_secret_file(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file created with mode 0600 (never
-    readable by others, not even between create and chmod), then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Writes ``text`` to ``path``, mode 0600 from creation, durably
+    (:func:`server.store.durable.write_private_file`)."""
+    write_private_file(path, text.encode())
 
 
 def _provision(session: Session, token: str) -> None:

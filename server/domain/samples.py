@@ -44,6 +44,16 @@ class IngestResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (sample_id, reason)
 
 
+MAX_LABEL_CLASSES = 1 << 16  # ArchSpec's bound on any width
+
+
+def label_classes(arch: ArchSpec) -> int:
+    """How many classes sample labels may name: the classifier's outputs, except for a p-Meta
+    (few-shot) model, whose N outputs are relabelled per task, so its samples carry class ids
+    of any number of classes (server/training/pmeta.py builds N-way tasks from them)."""
+    return MAX_LABEL_CLASSES if arch.extra.get("pmeta") is not None else arch.num_classes
+
+
 def check_sample(
     s: SampleIn, arch: ArchSpec, max_bytes: int, value_abs_max: float = SAMPLE_VALUE_ABS_MAX
 ) -> tuple[str, np.ndarray | None]:
@@ -62,8 +72,9 @@ def check_sample(
     if x.dtype.kind == "f" and (peak := float(np.abs(x).max())) > value_abs_max:
         return (f"float sample value of magnitude {peak:.4g} exceeds sample_value_abs_max={value_abs_max:g}"
                 " (inputs reach the model unscaled)"), None
-    if s.label is not None and not 0 <= s.label < arch.num_classes:
-        return f"label {s.label} outside [0, {arch.num_classes})", None
+    bound = label_classes(arch)
+    if s.label is not None and not 0 <= s.label < bound:
+        return f"label {s.label} outside [0, {bound})", None
     if len(s.metadata) > MAX_META_ENTRIES or any(len(k) > 64 or len(v) > 256 for k, v in s.metadata.items()):
         return f"metadata: at most {MAX_META_ENTRIES} entries, keys <= 64, values <= 256 chars", None
     return "", x

@@ -99,3 +99,48 @@ class RateLimiter:
         with self._lock:
             b = self._bucket(key, self._clock())
             b.tokens = min(float(self.burst), b.tokens + 1.0)
+
+
+class StreamLimiter:
+    """At most ``max_per_key`` streams open per key at once (``0``: no limit). :meth:`open`
+    returns the release function of the slot it took (idempotent: call it from every way a
+    stream can end); over the cap it raises :class:`RateLimited` with ``retry_after_s``, since
+    a stream slot frees when another stream ends, not at a rate. Memory: one counter per key
+    with streams open, removed when its last stream ends."""
+
+    def __init__(self, max_per_key: int, *, retry_after_s: float = 5.0) -> None:
+        if max_per_key < 0:
+            raise ValueError(f"max_per_key must be >= 0, got {max_per_key}")
+        self.max_per_key = int(max_per_key)
+        self.retry_after_s = float(retry_after_s)
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def open_count(self, key: str) -> int:
+        with self._lock:
+            return self._open.get(key, 0)
+
+    def open(self, key: str, what: str) -> Callable[[], None]:
+        if self.max_per_key == 0:
+            return lambda: None
+        with self._lock:
+            n = self._open.get(key, 0)
+            if n >= self.max_per_key:
+                raise RateLimited(f"{what}: {n} streams already open, at most {self.max_per_key} at once; "
+                                  f"retry in {self.retry_after_s:g} s", self.retry_after_s)
+            self._open[key] = n + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                left = self._open.get(key, 1) - 1
+                if left > 0:
+                    self._open[key] = left
+                else:
+                    self._open.pop(key, None)
+
+        return release

@@ -7,11 +7,11 @@ import ipaddress
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import grpc
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from protos.edgeloop.v1 import fleet_pb2 as pb
@@ -19,7 +19,7 @@ from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server import signing
 from server.db.base import utcnow
 from server.db.engine import transaction
-from server.db.models import Delivery, Device, ModelVersion
+from server.db.models import Delivery, Device, DeviceClientCertificate, ModelVersion
 from server.domain import devices as D
 from server.domain import enrollment
 from server.domain.errors import (
@@ -32,10 +32,18 @@ from server.domain.errors import (
 )
 from server.domain.samples import SampleIn, ingest_samples
 from server.domain.versions import get_version, plan_update
-from server.grpc_api.ratelimit import RateLimited, RateLimiter
+from server.grpc_api.ratelimit import RateLimited, RateLimiter, StreamLimiter
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
+from server.tls import (
+    IssuedClientCert,
+    ensure_ca,
+    fingerprint,
+    issue_client_cert,
+    load_csr,
+    peer_certificate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +133,66 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                                          max_keys=settings.rate_limit_max_keys)
         self.register_limits = RateLimiter(settings.register_rate_per_s, settings.register_burst,
                                            max_keys=settings.rate_limit_max_keys)
+        # Each open stream holds a handler thread: a cap per device keeps one device from
+        # taking the pool (grpc_max_workers) from the rest of the fleet.
+        self.device_streams = StreamLimiter(settings.device_max_streams)
+        # Mutual TLS (docs/security.md#mutual-tls): the local CA issues client certificates at
+        # Register; every other call must come over the mTLS port (mtls_port, set by the server
+        # once bound) with a certificate issued to the device whose credential it presents.
+        self.mtls = settings.mtls
+        self.mtls_port = settings.mtls_port
+        self._client_ca = ensure_ca(settings.data_dir)[:2] if self.mtls else None
 
     def _device(self, session: Session, context: grpc.ServicerContext) -> Device:
-        device = D.authenticate(session, credential_from(context))
+        device = D.authenticate(session, credential_from(context))  # refuses revoked devices
+        if self.mtls:
+            self._check_client_cert(session, device, context)
         self.device_limits.acquire(device.id, f"device {device.id}")
         return device
+
+    def _check_client_cert(self, session: Session, device: Device, context: grpc.ServicerContext) -> None:
+        """The peer certificate (verified against the local CA by gRPC on the mTLS port) must be
+        one the server issued to ``device``, unexpired and not revoked; checked on every call."""
+        cert = peer_certificate(dict(context.auth_context() or {}))
+        if cert is None:  # the first port: it never asks for a certificate
+            raise UnauthenticatedError(
+                f"this server requires mutual TLS: call port {self.mtls_port} with the client certificate issued "
+                "at Register (register again, with a client_csr, to get one)")
+        row = session.get(DeviceClientCertificate, fingerprint(cert))
+        if row is None or row.device_id != device.id:
+            raise UnauthenticatedError(f"the client certificate was not issued to device {device.id}")
+        if row.revoked_at is not None:
+            raise UnauthenticatedError(f"client certificate {row.serial} of device {device.id} was replaced; "
+                                       "use the newest one")
+        not_after = row.not_after if row.not_after.tzinfo else row.not_after.replace(tzinfo=utcnow().tzinfo)
+        if not_after <= utcnow():
+            raise UnauthenticatedError(f"client certificate {row.serial} of device {device.id} expired")
+
+    def _csr(self, data: bytes, field: str):  # noqa: ANN202 - x509.CertificateSigningRequest
+        if not data:
+            raise InvalidArgumentError(f"this server requires mutual TLS: send {field} (a CSR for a key made "
+                                       "on the device; docs/protocol.md#mutual-tls)")
+        try:
+            return load_csr(data)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{field}: {exc}") from exc
+
+    def _issue(self, session: Session, device_id: str, csr) -> IssuedClientCert:  # noqa: ANN001
+        assert self._client_ca is not None
+        issued = issue_client_cert(*self._client_ca, csr, device_id, self.settings.client_cert_days)
+        session.add(DeviceClientCertificate(fingerprint=issued.fingerprint, device_id=device_id,
+                                            serial=issued.serial, not_after=issued.not_after))
+        return issued
+
+    def _stream_slot(self, device_id: str, context: grpc.ServicerContext, what: str) -> Callable[[], None]:
+        """Takes one of the device's stream slots (RateLimited over the cap), released when
+        the RPC ends however it ends (the callback) or when the handler returns (the caller's
+        ``finally``), whichever comes first."""
+        release = self.device_streams.open(device_id, f"device {device_id} {what}")
+        if not context.add_callback(release):
+            release()  # the RPC has already ended
+            context.abort(grpc.StatusCode.CANCELLED, "call ended")
+        return release
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         source = peer_source(context.peer() or "")
@@ -138,6 +201,7 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
             # and concurrent guesses cannot all slip in before the first one fails.
             self.register_limits.acquire(source, f"Register from {source}")
             try:
+                csr = self._csr(request.client_csr, "client_csr") if self.mtls else None
                 with transaction(self.factory) as s:
                     reg = enrollment.register(
                         s, enrollment_token=request.enrollment_token, hardware_id=request.hardware_id,
@@ -150,12 +214,32 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                         heartbeat_interval_s=self.settings.heartbeat_interval_s,
                         signing_public_keys=signing.trusted_public_keys(s),  # pinned at enrollment
                     )
+                    if csr is not None:
+                        # A new credential: the certificates issued with the old one are retired.
+                        s.execute(update(DeviceClientCertificate).where(
+                            DeviceClientCertificate.device_id == reg.device.id,
+                            DeviceClientCertificate.revoked_at.is_(None)).values(revoked_at=utcnow()))
+                        issued = self._issue(s, reg.device.id, csr)
+                        resp.client_certificate, resp.mtls_port = issued.pem, self.mtls_port
             except DomainError as exc:
                 log.warning("Register from %s refused: %s", source, exc)
                 raise
             self.register_limits.refund(source)
             log.info("registered device %s (%s) from %s", reg.device.id, reg.device.name, source)
             return resp
+
+    def RenewClientCertificate(self, request: pb.RenewClientCertificateRequest,
+                               context: grpc.ServicerContext) -> pb.RenewClientCertificateResponse:
+        with domain_errors(context):
+            if not self.mtls:
+                raise ConflictError("mutual TLS is off on this server (setting mtls)")
+            csr = self._csr(request.csr, "csr")
+            with transaction(self.factory) as s:
+                device = self._device(s, context)  # the credential and the current certificate
+                issued = self._issue(s, device.id, csr)
+            log.info("renewed the client certificate of device %s (serial %s, until %s)", device.id,
+                     issued.serial, f"{issued.not_after:%Y-%m-%d}")
+            return pb.RenewClientCertificateResponse(client_certificate=issued.pem)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         with domain_errors(context), transaction(self.factory) as s:
@@ -181,6 +265,14 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
         with domain_errors(context):
             with transaction(self.factory) as s:
                 device_id = self._device(s, context).id
+            release = self._stream_slot(device_id, context, "UploadSamples")
+        try:
+            return self._upload(device_id, request_iterator, context)
+        finally:
+            release()
+
+    def _upload(self, device_id: str, request_iterator, context: grpc.ServicerContext) -> pb.UploadSamplesResponse:
+        with domain_errors(context):
             samples: list[SampleIn] = []
             total_bytes = 0
             for msg in request_iterator:
@@ -214,7 +306,17 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
     def GetUpdate(self, request: pb.GetUpdateRequest, context: grpc.ServicerContext) -> Iterator[pb.GetUpdateResponse]:
         with domain_errors(context):
             with transaction(self.factory) as s:
-                device = self._device(s, context)  # authenticate first, then judge the request
+                device_id = self._device(s, context).id
+            release = self._stream_slot(device_id, context, "GetUpdate")
+        try:
+            yield from self._get_update(request, context)
+        finally:
+            release()
+
+    def _get_update(self, request: pb.GetUpdateRequest, context: grpc.ServicerContext) -> Iterator[pb.GetUpdateResponse]:
+        with domain_errors(context):
+            with transaction(self.factory) as s:
+                device = D.authenticate(s, credential_from(context))  # rate-limited above; now judge the request
                 check_update_request(request)
                 target = request.target_model_hash or device.target_model_hash
                 if not target:
@@ -286,9 +388,18 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
             log.exception("could not record delivery to %s", device_id)
 
     def WatchUpdates(self, request: pb.WatchUpdatesRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchUpdatesResponse]:
-        with domain_errors(context), transaction(self.factory) as s:
-            device_id = self._device(s, context).id
-            check_hash(request.model_hash, "model_hash")
+        with domain_errors(context):
+            with transaction(self.factory) as s:
+                device_id = self._device(s, context).id
+                check_hash(request.model_hash, "model_hash")
+            release = self._stream_slot(device_id, context, "WatchUpdates")
+        try:
+            yield from self._watch(device_id, request, context)
+        finally:
+            release()
+
+    def _watch(self, device_id: str, request: pb.WatchUpdatesRequest,
+               context: grpc.ServicerContext) -> Iterator[pb.WatchUpdatesResponse]:
         # A cancelled stream wakes its handler thread at once instead of at the next keepalive.
         context.add_callback(self.targets_changed.notify)
         limit = self.settings.watch_max_seconds

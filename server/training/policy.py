@@ -97,6 +97,9 @@ class RoundInputs(Generic[S]):
     params: Any  # an instance of the policy's Params
     progress: ProgressFn
     state: S | None = None  # carried state of this policy for this lineage (None: none yet)
+    # The base version's own architecture (None: ``arch``); differs from ``arch`` when the
+    # cohort runs an adapted model (a DA³ adaptor over the fleet backbone).
+    base_arch: ArchSpec | None = None
 
 
 @dataclass
@@ -115,6 +118,9 @@ class RoundOutcome(Generic[S]):
     # What to carry into the next round of this lineage; also on a skip. None: carry nothing
     # (the stored record is emptied, not deleted, so its generation never goes back).
     state: S | None = None
+    # The architecture of the version to publish when it is not the round's ``arch`` (a DA³
+    # round publishes the adapted spec; its ``diff`` is the adaptor artefact). None: ``arch``.
+    arch: ArchSpec | None = None
 
 
 class UpdatePolicy(ABC):

@@ -10,7 +10,7 @@ rules too; a change to them needs a new name.
 
 Rules, per state-dict entry of ``build_model(arch)`` (name = its state-dict key):
 
-* any tensor of a norm layer (``BatchNorm*``): ``weight`` and ``running_var`` 1, ``bias``,
+* any tensor of a norm layer (``BatchNorm*``, ``GroupNorm``): ``weight`` and ``running_var`` 1, ``bias``,
   ``running_mean`` and ``num_batches_tracked`` 0 (no draws);
 * any other integer or bool tensor: 0;
 * any other floating tensor: ``uniform(seed, name, numel, fan_in)`` in C order, with ``fan_in``
@@ -68,7 +68,7 @@ def init_weights_from_seed(model: nn.Module, seed: int) -> nn.Module:
         if any(family.owns(name) for family, _ in families):
             continue  # the family initialises its own tensors below
         owner_name, _, leaf = name.rpartition(".")
-        if isinstance(modules[owner_name], nn.modules.batchnorm._NormBase):
+        if isinstance(modules[owner_name], (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
             tensor.fill_(norm_start(leaf))
             continue
         if not tensor.is_floating_point():

@@ -5,6 +5,7 @@
 p-Meta (few-shot new classes) and DA³ (domain adaptors) plug in as further learners.
 """
 
+from shared.personal.da3 import DA3Learner, DA3LearnerConfig  # registers 'da3'
 from shared.personal.format import (
     PERSONAL_ENCODING,
     PersonalArtefact,
@@ -23,6 +24,7 @@ from shared.personal.learner import (
     make_learner,
     register_learner,
 )
+from shared.personal.pmeta import PMetaLearner, PMetaLearnerConfig  # registers 'pmeta'
 
 __all__ = [
     "PERSONAL_ENCODING",
@@ -35,6 +37,10 @@ __all__ = [
     "PersonalArtefact",
     "PersonalDelta",
     "PersonalFormatError",
+    "DA3Learner",
+    "DA3LearnerConfig",
+    "PMetaLearner",
+    "PMetaLearnerConfig",
     "decode_personal",
     "encode_personal",
     "learner_names",

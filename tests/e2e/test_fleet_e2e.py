@@ -76,6 +76,11 @@ def test_dpu_round_ships_a_sparse_diff_to_every_agent(tmp_path: Path) -> None:
         fleet.stop()
 
 
+# Slow (CI time): the round loop end to end is in CI as test_round_reaches_every_agent (full)
+# and test_dpu_round_ships_a_sparse_diff_to_every_agent (two rounds); a DRESS round on a live
+# agent as tests/e2e/test_dress_budget.py. This one still proves `run_fleet` itself (the
+# `edgeloop fleet` command): its JSON output and that round 2 trains on more streamed data.
+@pytest.mark.slow
 def test_fleet_command_two_rounds(tmp_path: Path) -> None:
     out = tmp_path / "fleet.json"
     result = run_fleet(FleetConfig(agents=2, rounds=2, samples_per_agent=400, epochs=3, work_dir=tmp_path / "w",

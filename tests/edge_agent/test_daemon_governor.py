@@ -59,6 +59,10 @@ def _status(agent: Agent) -> dict:
         conn.close()
 
 
+# Condition waits, not timings: generous, so a loaded CI machine cannot fail them.
+WAIT_S = 60.0
+
+
 def _wait(cond, timeout: float) -> float:
     """Seconds until ``cond()`` held; fails after ``timeout``."""
     t0 = time.monotonic()
@@ -77,11 +81,13 @@ def test_static_energy_budget_then_put_budget_switches(tmp_path, dress_model):
     e = dress_model["energies"]
     assert all(a > b for a, b in zip(e, e[1:], strict=False))
     static = (e[0] + e[1]) / 2  # subnet 0 does not fit, subnet 1 does
+    # No periodic re-check (interval an hour): each switch below proves a PUT woke the governor.
     agent = _agent(tmp_path, dress_model["ds"], dress_model["arch"], dress_model["state"],
-                   budget_energy_mj=static)
+                   budget_energy_mj=static, governor_interval_s=3600.0)
     agent.start()
     try:
-        _wait(lambda: agent.governor.governed is not None, 20)
+        # The service applies a decision before it counts as governed (no race with the runner).
+        _wait(lambda: agent.governor.governed is not None, WAIT_S)
         assert agent.runner.active_subnet == _densest_fitting(e, static) == 1
         status = _status(agent)
         assert status["runner"]["active_subnet"] == 1
@@ -93,7 +99,7 @@ def test_static_energy_budget_then_put_budget_switches(tmp_path, dress_model):
         # Tighter than every subnet: the cheapest runs, counted as a budget miss.
         code, body = _put(agent, {"energy_mj": e[-1] / 2})
         assert code == 200 and body["energy_mj"] == pytest.approx(e[-1] / 2)
-        assert _wait(lambda: agent.runner.active_subnet == 3, 1.0) < 1.0
+        _wait(lambda: agent.runner.active_subnet == 3, WAIT_S)
         assert agent.metrics()["budget_fits"] == 0.0
 
         # Between subnets 1 and 2, with room for the 10 % up-switch margin.
@@ -101,18 +107,18 @@ def test_static_energy_budget_then_put_budget_switches(tmp_path, dress_model):
         assert e[2] <= limit * 0.9
         code, _ = _put(agent, {"energy_mj": limit})
         assert code == 200
-        _wait(lambda: agent.runner.active_subnet == _densest_fitting(e, limit) == 2, 1.0)
+        _wait(lambda: agent.runner.active_subnet == _densest_fitting(e, limit) == 2, WAIT_S)
 
         # Clearing the HTTP limit leaves the static one in force.
         _put(agent, {"energy_mj": None})
-        _wait(lambda: agent.runner.active_subnet == 1, 1.0)
+        _wait(lambda: agent.runner.active_subnet == 1, WAIT_S)
 
         code, body = _put(agent, {"energy_mj": -1})
         assert code == 400 and "energy_mj" in body["error"]
         assert agent.runner.active_subnet == 1
 
         # The inference loop runs batch-1 calls on the active subnet and reports their latency.
-        _wait(lambda: agent.predictions.summary().get("count", 0) >= 50, 10)
+        _wait(lambda: agent.predictions.summary().get("count", 0) >= 50, WAIT_S)
         m = agent.metrics()
         assert m["active_subnet"] == 1.0 and m["energy_budget_mj"] == pytest.approx(static)
         assert m["switches"] >= 3 and m["latency_drift"] != 1.0 and m["latency_drift"] > 0
@@ -127,13 +133,13 @@ def test_memory_budget_from_file(tmp_path, dress_model):
                    budget_file=budget_file)
     agent.start()
     try:
-        _wait(lambda: agent.governor.governed is not None, 20)
+        _wait(lambda: agent.governor.governed is not None, WAIT_S)
         assert agent.runner.active_subnet == 0  # no budget: the densest
         memory = [p.peak_memory_mb for p in agent.governor.governed.profiles]
         tmp = budget_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"memory_mb": (memory[2] + memory[3]) / 2}))
         tmp.replace(budget_file)
-        _wait(lambda: agent.runner.active_subnet == 3, 2.0)
+        _wait(lambda: agent.runner.active_subnet == 3, WAIT_S)
     finally:
         agent.stop()
 
@@ -142,7 +148,7 @@ def test_plain_model_keeps_its_behaviour(tmp_path, digits, tiny_arch, make_state
     agent = _agent(tmp_path, digits, tiny_arch, make_state(1))
     agent.start()
     try:
-        _wait(lambda: agent.predictions.summary().get("count", 0) >= 64, 10)
+        _wait(lambda: agent.predictions.summary().get("count", 0) >= 64, WAIT_S)
         assert agent.governor.governed is None and agent.runner.active_subnet == -1
         code, body = _put(agent, {"latency_ms": 5})
         assert code == 200 and body["latency_ms"] == 5.0
@@ -175,7 +181,7 @@ def test_the_heartbeat_after_an_update_carries_the_new_models_governor_metrics(
                    budget_energy_mj=(e[0] + e[1]) / 2, governor_interval_s=3600.0)
     agent.start()
     try:
-        _wait(lambda: agent.governor.governed is not None, 20)
+        _wait(lambda: agent.governor.governed is not None, WAIT_S)
         # A new DRESS version starts serving (as the update machine's install does) and commits.
         new_state = {k: v * 1.001 if v.is_floating_point() and k.endswith("weight") else v
                      for k, v in dress_model["state"].items()}

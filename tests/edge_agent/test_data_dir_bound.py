@@ -211,9 +211,13 @@ def _record_state(agent_dir: Path) -> str:
         return ""
 
 
-def _kill_point(rng: random.Random, size: int):
-    """A condition on the agent's files at which to kill it."""
-    kind = rng.choice(["part", "part", "part", "artefact", "installing", "probation", "model_tmp"])
+KILL_KINDS = ("part", "artefact", "installing", "probation", "model_tmp")
+
+
+def _kill_point(rng: random.Random, size: int, kind: str | None = None):
+    """A condition on the agent's files at which to kill it (``kind`` None: a random one)."""
+    if kind is None:
+        kind = rng.choice(["part", "part", "part", "artefact", "installing", "probation", "model_tmp"])
     if kind == "part":
         at = rng.randrange(0, size)
         return f"part>={at}", lambda d: any(p.stat().st_size >= at for p in (d / "downloads").glob("*.part"))
@@ -268,7 +272,9 @@ def _kill_loop(server, server_ctx, tmp_path, kills: int, seed: int) -> dict:
         pointer = agent_dir / "models" / "current.json"
         current = json.loads(pointer.read_text())["model_hash"] if pointer.exists() else ""
         _set_target(server_ctx, rng.choice([v for v in versions if v != current]))
-        name, condition = _kill_point(rng, size)
+        # Each kind of kill point first (a short loop still reaches all), then random ones.
+        attempt = figures["kills"] + figures["finished"]
+        name, condition = _kill_point(rng, size, KILL_KINDS[attempt] if attempt < len(KILL_KINDS) else None)
         if run_until(condition):
             figures["kills"] += 1
             figures["points"][name.split(">")[0]] = figures["points"].get(name.split(">")[0], 0) + 1
@@ -287,7 +293,9 @@ def _kill_loop(server, server_ctx, tmp_path, kills: int, seed: int) -> dict:
 
 
 def test_data_dir_stays_bounded_over_kill_loop(server, server_ctx, tmp_path):
-    figures = _kill_loop(server, server_ctx, tmp_path, kills=20, seed=8)
+    # 8 kills, each kind of kill point tried first (~2.5x faster than the 20 it had); the
+    # long loop below (150 random kills) is the slow-marked soak.
+    figures = _kill_loop(server, server_ctx, tmp_path, kills=8, seed=8)
     print(f"kill loop: {figures}")
 
 

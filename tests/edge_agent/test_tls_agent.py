@@ -11,6 +11,7 @@ from edge_agent.daemon import Agent
 from edge_agent.model_store import ModelStore
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import DatasetShardSource
+from edge_agent.tls import PinnedCA, TLSSetupError
 from server.tls import ensure_server_tls
 from shared.models.identity import model_hash
 from tests.server.grpc_fleet import Fleet
@@ -51,3 +52,24 @@ def test_wrong_ca_is_reported_the_model_kept_and_the_right_ca_connects(server_ct
     finally:
         agent.stop()
         fleet.close()
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "truncated", "leaf"])
+def test_a_corrupt_stored_ca_stops_the_agent_instead_of_a_silent_refetch(tmp_path, corruption) -> None:
+    tls = ensure_server_tls(tmp_path / "server", hostnames=["127.0.0.1"], cert_days=30)
+    stored = tmp_path / "agent" / "tls" / "ca.crt"
+    stored.parent.mkdir(parents=True)
+    good = tls.ca_file.read_bytes()
+    stored.write_bytes({"garbage": b"\x00\xffnot a certificate", "truncated": good[: len(good) // 2],
+                        "leaf": tls.chain_pem.split(b"-----END CERTIFICATE-----")[0]
+                        + b"-----END CERTIFICATE-----\n"}[corruption])
+    before = stored.read_bytes()
+    # Nothing listens on port 1: a re-fetch would fail differently (and later, not at start).
+    settings = AgentSettings(server="127.0.0.1:1", data_dir=tmp_path / "agent", ca_fingerprint=tls.ca_fingerprint,
+                             enrollment_token="elen_x_y", status_port=-1, battery=False, load_budget=False)
+    source = DatasetShardSource(np.zeros((0, 1, 8, 8), np.uint8), np.zeros(0, np.int64), rate_per_s=1.0, seed=0)
+    with pytest.raises(TLSSetupError, match=r"pinned CA is corrupt: .*ca\.crt.*delete .*ca\.crt"):
+        Agent(settings, source=source)
+    assert stored.read_bytes() == before, "the evidence must stay for the operator"
+    stored.unlink()  # the documented way out: the next start fetches it by fingerprint
+    assert PinnedCA.from_settings(settings) is not None

@@ -14,7 +14,7 @@ from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server.db.engine import transaction
 from server.db.models import Device
-from server.grpc_api.ratelimit import RateLimited, RateLimiter
+from server.grpc_api.ratelimit import RateLimited, RateLimiter, StreamLimiter
 from server.grpc_api.servicer import RETRY_AFTER_KEY, FleetServicer, peer_source
 from tests.server.grpc_fleet import md, stream
 
@@ -170,3 +170,59 @@ def test_failed_registers_are_limited_per_source(dual_stack, server_ctx):
     with transaction(server_ctx.factory) as s:
         after = sorted(d.hardware_id for d in s.scalars(select(Device)))
     assert after == sorted([*before, "other-source"])
+
+
+# --- concurrent streams per device -------------------------------------------------------------
+
+def test_stream_limiter_caps_open_streams_and_release_is_idempotent():
+    sl = StreamLimiter(2, retry_after_s=5)
+    r1, r2 = sl.open("a", "a"), sl.open("a", "a")
+    with pytest.raises(RateLimited, match="2 streams already open, at most 2") as err:
+        sl.open("a", "device a WatchUpdates")
+    assert err.value.retry_after_ms == 5000
+    release_b = sl.open("b", "b")  # keys are independent
+    r1()
+    r1()  # a second release (callback and finally) frees nothing more
+    assert sl.open_count("a") == 1
+    sl.open("a", "a")
+    r2()
+    release_b()
+    assert sl.open_count("b") == 0 and "b" not in sl._open  # no memory kept for idle keys
+    off = StreamLimiter(0)
+    assert all(off.open("a", "a") is not None for _ in range(100))
+    with pytest.raises(ValueError):
+        StreamLimiter(-1)
+
+
+def test_streams_per_device_are_capped_with_a_hint_and_freed_when_one_ends(fleet_factory, wait_until):
+    fleet = fleet_factory(device_max_streams=2, device_rate_per_s=0)
+    a, b = fleet.register("hw-a"), fleet.register("hw-b")
+
+    def watch(cred):
+        call = fleet.stub.WatchUpdates(pb.WatchUpdatesRequest(max_seconds=60), metadata=md(cred), timeout=60)
+        next(call)  # the first answer: the handler holds its slot from here
+        return call
+
+    open_calls = [watch(a.device_credential), watch(a.device_credential)]
+    try:
+        hint, details = _refused(lambda: watch(a.device_credential))
+        assert hint == 5000 and a.device_id in details and "at most 2" in details
+        hint, details = _refused(lambda: list(fleet.stub.GetUpdate(
+            pb.GetUpdateRequest(), metadata=md(a.device_credential), timeout=10)))
+        assert hint == 5000 and "GetUpdate" in details
+        _refused(lambda: fleet.stub.UploadSamples(stream([]), metadata=md(a.device_credential), timeout=10))
+        open_calls.append(watch(b.device_credential))  # another device has its own slots
+        open_calls.pop(0).cancel()  # a stream that ends frees its slot
+
+        def third_opens():
+            try:
+                open_calls.append(watch(a.device_credential))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                return False
+            return True
+
+        wait_until(third_opens, 10, "the cancelled stream's slot to be freed")
+    finally:
+        for call in open_calls:
+            call.cancel()

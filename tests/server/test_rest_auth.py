@@ -6,6 +6,7 @@ Runs on SQLite and PostgreSQL (``server_ctx``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import timedelta
 
@@ -50,7 +51,10 @@ def _snapshot(ctx) -> dict[str, list]:
 @pytest.fixture
 def world(server_ctx):
     """A fleet with one of everything a route can name, and one token per way of being wrong."""
-    c = make_client(server_ctx, auth=False)  # creates the bootstrap admin token
+    # Hundreds of refusals from one client: the failed-authentication limit is tested below.
+    unlimited = dataclasses.replace(server_ctx, settings=server_ctx.settings.model_copy(
+        update={"rest_auth_fail_rate_per_s": 0}))
+    c = make_client(unlimited, auth=False)  # creates the bootstrap admin token
     device = register(server_ctx, "auth-hw", tags=["lab"]).device
     samples = ingest(server_ctx, device.id, random_images(3, seed=1), [1, None, 2])
     with transaction(server_ctx.factory) as s:
@@ -177,7 +181,6 @@ def test_an_unauthenticated_round_is_refused(server_ctx):
 
 
 def test_metrics_can_be_made_public(server_ctx):
-    import dataclasses
 
     assert make_client(server_ctx, auth=False).get("/metrics").status_code == 401
     public = dataclasses.replace(server_ctx, settings=server_ctx.settings.model_copy(update={"metrics_public": True}))
@@ -185,3 +188,48 @@ def test_metrics_can_be_made_public(server_ctx):
     assert c.get("/metrics").status_code == 200
     assert "security" not in c.get("/openapi.json").json()["paths"]["/metrics"]["get"]
     assert c.get("/api/v1/devices").status_code == 401  # only /metrics opens
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # in-memory limits: the database is incidental
+def test_failed_authentications_are_limited_per_source_and_stop_reaching_the_audit_log(server_ctx):
+    from fastapi.testclient import TestClient
+
+    from server.api.main import create_app, rest_source
+    from server.domain.operators import read_bootstrap_token
+
+    limited = dataclasses.replace(server_ctx, settings=server_ctx.settings.model_copy(
+        update={"rest_auth_fail_rate_per_s": 0.001, "rest_auth_fail_burst": 3}))
+    app = create_app(limited)
+    admin = _bearer(read_bootstrap_token(server_ctx.settings.data_dir))
+    guesser = TestClient(app, client=("203.0.113.7", 4000))
+    with server_ctx.factory() as s:
+        audit_before = s.scalar(select(func.count()).select_from(AuditEvent))
+    # The budget is of failures: calls with a valid token, even 403/404 ones, take nothing.
+    operator = TestClient(app, client=("203.0.113.7", 4001), headers=admin)
+    for _ in range(5):
+        assert operator.get("/api/v1/devices").status_code == 200
+        assert operator.post("/api/v1/devices/nope/revoke").status_code == 404
+    for _ in range(3):
+        assert guesser.post("/api/v1/rounds", json={"cohort": {"all": True}}).status_code == 401
+    refused = [guesser.post("/api/v1/rounds", json={"cohort": {"all": True}}), guesser.get("/api/v1/devices"),
+               guesser.get("/metrics"), operator.get("/api/v1/devices")]  # the source's budget is spent
+    for resp in refused:
+        assert resp.status_code == 429, resp.text
+        assert int(resp.headers["retry-after"]) >= 1 and "203.0.113.7" in resp.json()["detail"]
+    assert guesser.get("/healthz").status_code == 200  # probes stay open
+    with server_ctx.factory() as s:
+        events = list(s.scalars(select(AuditEvent).order_by(AuditEvent.id).offset(audit_before)))
+        assert s.scalar(select(func.count()).select_from(Round)) == 0
+    # 5 audited 404s and the 3 failures within the budget; the 429s wrote nothing.
+    assert [e.status for e in events] == [404] * 5 + [401] * 3
+    # Another source has its own budget; all sources together have 10 times one source's.
+    other = TestClient(app, client=("198.51.100.1", 4000))
+    assert other.post("/api/v1/rounds", json={}).status_code == 401
+    for i in range(26):
+        TestClient(app, client=(f"198.51.100.{i + 2}", 4000)).post("/api/v1/rounds", json={})
+    assert TestClient(app, client=("192.0.2.1", 1)).post("/api/v1/rounds", json={}).status_code == 429
+    with server_ctx.factory() as s:
+        total = s.scalar(select(func.count()).select_from(AuditEvent)) - audit_before
+    assert total == 5 + 30  # 30 = the global budget: 10 x burst 3
+    assert rest_source({"client": ("2001:db8:1:2:3:4:5:6", 1)}) == "2001:db8:1:2::/64"
+    assert rest_source({"client": ("::ffff:10.0.0.1", 1)}) == "10.0.0.1"

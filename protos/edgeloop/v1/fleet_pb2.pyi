@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("enrollment_token", "hardware_id", "name", "tags", "hardware", "agent_version")
+    __slots__ = ("enrollment_token", "hardware_id", "name", "tags", "hardware", "agent_version", "client_csr")
     class HardwareEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,27 +21,45 @@ class RegisterRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CSR_FIELD_NUMBER: _ClassVar[int]
     enrollment_token: str
     hardware_id: str
     name: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     hardware: _containers.ScalarMap[str, str]
     agent_version: str
-    def __init__(self, enrollment_token: _Optional[str] = ..., hardware_id: _Optional[str] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., hardware: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    client_csr: bytes
+    def __init__(self, enrollment_token: _Optional[str] = ..., hardware_id: _Optional[str] = ..., name: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., hardware: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., client_csr: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "device_credential", "target_model_hash", "heartbeat_interval_s", "signing_public_keys")
+    __slots__ = ("device_id", "device_credential", "target_model_hash", "heartbeat_interval_s", "signing_public_keys", "client_certificate", "mtls_port")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SIGNING_PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    MTLS_PORT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     device_credential: str
     target_model_hash: str
     heartbeat_interval_s: float
     signing_public_keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, device_id: _Optional[str] = ..., device_credential: _Optional[str] = ..., target_model_hash: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., signing_public_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    client_certificate: bytes
+    mtls_port: int
+    def __init__(self, device_id: _Optional[str] = ..., device_credential: _Optional[str] = ..., target_model_hash: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., signing_public_keys: _Optional[_Iterable[bytes]] = ..., client_certificate: _Optional[bytes] = ..., mtls_port: _Optional[int] = ...) -> None: ...
+
+class RenewClientCertificateRequest(_message.Message):
+    __slots__ = ("csr",)
+    CSR_FIELD_NUMBER: _ClassVar[int]
+    csr: bytes
+    def __init__(self, csr: _Optional[bytes] = ...) -> None: ...
+
+class RenewClientCertificateResponse(_message.Message):
+    __slots__ = ("client_certificate",)
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    client_certificate: bytes
+    def __init__(self, client_certificate: _Optional[bytes] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("latency_ms", "memory_mb", "energy_mj")

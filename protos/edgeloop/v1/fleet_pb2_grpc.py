@@ -39,6 +39,11 @@ class EdgeFleetStub:
                 request_serializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.RenewClientCertificate = channel.unary_unary(
+                '/edgeloop.v1.EdgeFleet/RenewClientCertificate',
+                request_serializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RenewClientCertificateRequest.SerializeToString,
+                response_deserializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RenewClientCertificateResponse.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/edgeloop.v1.EdgeFleet/Heartbeat',
                 request_serializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.HeartbeatRequest.SerializeToString,
@@ -69,6 +74,15 @@ class EdgeFleetServicer:
         (enrollment token, hardware_id): a device that lost its credential and registers again
         with the same hardware_id gets the same device id and a fresh credential (the old one is
         revoked). Bad token: UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewClientCertificate(self, request, context):
+        """Mutual TLS (server setting mtls): a new client certificate for a new key, before the
+        current one expires. Only on the mTLS port, authenticated by the device credential and the
+        device's current client certificate. docs/protocol.md#mutual-tls
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +132,11 @@ def add_EdgeFleetServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RegisterRequest.FromString,
                     response_serializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RegisterResponse.SerializeToString,
             ),
+            'RenewClientCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewClientCertificate,
+                    request_deserializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RenewClientCertificateRequest.FromString,
+                    response_serializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RenewClientCertificateResponse.SerializeToString,
+            ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_edgeloop_dot_v1_dot_fleet__pb2.HeartbeatRequest.FromString,
@@ -166,6 +185,33 @@ class EdgeFleet:
             '/edgeloop.v1.EdgeFleet/Register',
             protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RegisterRequest.SerializeToString,
             protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewClientCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeloop.v1.EdgeFleet/RenewClientCertificate',
+            protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RenewClientCertificateRequest.SerializeToString,
+            protos_dot_edgeloop_dot_v1_dot_fleet__pb2.RenewClientCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

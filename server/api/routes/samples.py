@@ -19,7 +19,7 @@ from server.api.schemas import (
     SamplesPublic,
 )
 from server.db.models import Sample
-from server.domain.samples import label_samples, sample_counts
+from server.domain.samples import label_classes, label_samples, sample_counts
 
 router = APIRouter(prefix="/samples", tags=["samples"], responses=responses(401, 422))
 
@@ -68,7 +68,7 @@ def list_samples(
 def set_labels(body: LabelsUpdate, session: SessionDep, ctx: CtxDep) -> LabelsUpdated:
     """Set labels in one transaction: an unknown sample or a label out of range changes nothing."""
     n = label_samples(
-        session, [(x.sample_id, x.device_id, x.label) for x in body.labels], ctx.settings.arch.num_classes
+        session, [(x.sample_id, x.device_id, x.label) for x in body.labels], label_classes(ctx.settings.arch)
     )
     session.commit()
     return LabelsUpdated(updated=n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -69,9 +69,13 @@ def list_signing_keys(session: SessionDep, ctx: CtxDep) -> SigningKeysPublic:
 
 
 @router.get("/artefacts/unsigned", response_model=StatementsPublic, dependencies=[require_scope("read")])
-def list_unsigned(session: SessionDep) -> StatementsPublic:
+def list_unsigned(
+    session: SessionDep,
+    key_id: Annotated[str | None, Query(pattern=HEX64, description="Instead: the artefacts this key has not "
+                                        "signed (to countersign with a new key after a rotation).")] = None,
+) -> StatementsPublic:
     """Statements of the artefacts agents cannot be offered yet (external signing)."""
-    rows = signing.unsigned_statements(session)
+    rows = signing.unsigned_statements(session, key_id)
     return StatementsPublic(data=[StatementPublic(**r) for r in rows], count=len(rows))
 
 
@@ -91,3 +95,34 @@ def put_signature(
     row = signing.add_signature(session, sha256, body.key_id, bytes.fromhex(body.signature))
     session.commit()
     return SignaturePublic(artefact_sha256=row.artefact_sha256, key_id=row.key_id, created_at=row.created_at)
+
+
+class KeyStatementIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    statement: str = Field(max_length=4096, description="The key statement's canonical JSON, as `edgeloop sign "
+                           "rotate|retire` prints it.")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$", description="Its 64-byte Ed25519 signature, hex.")
+
+
+class KeyStatementPublic(BaseModel):
+    id: int = Field(description="Position in the sequence agents receive.")
+    key_id: str = Field(description="The key the statement announces (trusted from now on).")
+    signer_key_id: str = Field(description="The trusted key that signed it.")
+    created_at: UtcDatetime = Field(description="When it was stored (UTC).")
+
+
+@router.post(
+    "/signing/statements",
+    response_model=KeyStatementPublic,
+    responses=responses(409),
+    dependencies=[require_scope("admin")],
+)
+def post_key_statement(body: KeyStatementIn, session: SessionDep, ctx: CtxDep) -> KeyStatementPublic:
+    """Rotation and retirement of an external key holder's key (signing_mode=external): store a
+    key statement signed by a trusted key; agents receive it with every update. Refused (422)
+    unless it verifies; 409 in local mode; idempotent."""
+    row = signing.add_key_statement(ctx.settings, session, body.statement.encode(), bytes.fromhex(body.signature))
+    session.commit()
+    return KeyStatementPublic(id=row.id, key_id=row.key_id, signer_key_id=row.signer_key_id,
+                              created_at=row.created_at)
