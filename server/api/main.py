@@ -35,6 +35,7 @@ from server.api.routes import (
 )
 from server.context import ServerContext
 from server.domain.operators import ensure_operator_access
+from server.domain.samples import label_classes
 from server.grpc_api.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def operation_id(route: APIRoute) -> str:
 
 def add_runtime_bounds(app: FastAPI, ctx: ServerContext) -> None:
     """Writes what comes from this server's settings into its OpenAPI document (the pydantic
-    models cannot know it): a label is at most ``num_classes - 1``; /metrics is open if
+    models cannot know it): a label is at most ``label_classes(arch) - 1``; /metrics is open if
     ``metrics_public``. Also documents every route's token errors (:func:`document_auth`)."""
     generate = app.openapi
 
@@ -182,9 +183,10 @@ def add_runtime_bounds(app: FastAPI, ctx: ServerContext) -> None:
             if ctx.settings.metrics_public:
                 schema["paths"]["/metrics"]["get"].pop("security", None)
             document_auth(schema)
+            classes = label_classes(ctx.settings.arch)  # a p-Meta fleet takes any class id
             label = schema["components"]["schemas"]["LabelIn"]["properties"]["label"]
-            label["maximum"] = ctx.settings.arch.num_classes - 1
-            label["description"] = f"Class label, in [0, {ctx.settings.arch.num_classes})."
+            label["maximum"] = classes - 1
+            label["description"] = f"Class label, in [0, {classes})."
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

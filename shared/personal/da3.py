@@ -26,6 +26,8 @@ from shared.personal.learner import (
     LearnerError,
     LearnerRefused,
     PersonalDelta,
+    check_local_data,
+    check_training_fields,
     register_learner,
 )
 from shared.tensors import StateDict
@@ -43,16 +45,9 @@ class DA3LearnerConfig(LearnerConfig):
     seed: int = 0  # adaptor init, minibatch order and Gumbel noise
 
     def validate(self) -> None:
-        if not 1 <= self.epochs <= 1000:
-            raise LearnerError(f"epochs must lie in [1, 1000], got {self.epochs}")
-        if not 0 < self.lr <= 1:
-            raise LearnerError(f"lr must lie in (0, 1], got {self.lr}")
-        if not 1 <= self.batch_size <= 4096:
-            raise LearnerError(f"batch_size must lie in [1, 4096], got {self.batch_size}")
+        check_training_fields(self.epochs, self.lr, self.batch_size, self.seed)
         if self.memory_budget_mb is not None and self.memory_budget_mb < 0:
             raise LearnerError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb}")
-        if self.seed < 0:
-            raise LearnerError("seed must be >= 0")
 
 
 def adapted_spec(arch: ArchSpec, gate: bool = True) -> ArchSpec:
@@ -93,13 +88,7 @@ class DA3Learner(Learner):
         cfg = self.parse_config(config)
         assert isinstance(cfg, DA3LearnerConfig)
         spec = adapted_spec(arch, cfg.gate)
-        x, y = np.asarray(x), np.asarray(y)
-        if len(x) == 0 or len(x) != len(y):
-            raise LearnerError(f"need matching non-empty inputs and labels, got {len(x)} and {len(y)}")
-        if tuple(x.shape[1:]) != arch.input_shape:
-            raise LearnerError(f"inputs are {tuple(x.shape[1:])}, the model takes {arch.input_shape}")
-        if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= arch.num_classes:
-            raise LearnerError(f"labels must be integers in [0, {arch.num_classes})")
+        x, y = check_local_data(arch, x, y)
         budget = None if cfg.memory_budget_mb is None else int(cfg.memory_budget_mb * _MB)
         try:
             batch = plan_training(spec, budget, batch=min(cfg.batch_size, len(x)))

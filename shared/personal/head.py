@@ -22,6 +22,8 @@ from shared.personal.learner import (
     LearnerError,
     LearnerRefused,
     PersonalDelta,
+    check_local_data,
+    check_training_fields,
     register_learner,
 )
 from shared.tensors import StateDict, to_model_input
@@ -37,14 +39,9 @@ class HeadFinetuneConfig(LearnerConfig):
     seed: int = 0  # minibatch order: the same data and base give the same head
 
     def validate(self) -> None:
-        if not 1 <= self.epochs <= 1000:
-            raise LearnerError(f"epochs must lie in [1, 1000], got {self.epochs}")
-        if not 0 < self.lr <= 1:
-            raise LearnerError(f"lr must lie in (0, 1], got {self.lr}")
-        if not 1 <= self.batch_size <= 4096:
-            raise LearnerError(f"batch_size must lie in [1, 4096], got {self.batch_size}")
-        if self.weight_decay < 0 or self.seed < 0:
-            raise LearnerError("weight_decay and seed must be >= 0")
+        check_training_fields(self.epochs, self.lr, self.batch_size, self.seed)
+        if self.weight_decay < 0:
+            raise LearnerError("weight_decay must be >= 0")
 
 
 def classifier_head(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
@@ -84,13 +81,7 @@ class HeadFinetuneLearner(Learner):
             # A DRESS head is pruned per subnet from the shared allocation; a densely tuned
             # head would not be what the subnets run. Families adapt their own way (p-Meta, DA³).
             raise LearnerRefused(f"head fine-tuning supports plain models only, not {sorted(arch.extra)}")
-        x, y = np.asarray(x), np.asarray(y)
-        if len(x) == 0 or len(x) != len(y):
-            raise LearnerError(f"need matching non-empty inputs and labels, got {len(x)} and {len(y)}")
-        if tuple(x.shape[1:]) != arch.input_shape:
-            raise LearnerError(f"inputs are {tuple(x.shape[1:])}, the model takes {arch.input_shape}")
-        if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= arch.num_classes:
-            raise LearnerError(f"labels must be integers in [0, {arch.num_classes})")
+        x, y = check_local_data(arch, x, y)
         model = build_model(arch)
         model.load_state_dict(base_state)
         path, head = classifier_head(model, arch.num_classes)

@@ -157,6 +157,33 @@ class Learner(ABC):
         return self.config_type.from_dict(data)
 
 
+def check_local_data(arch: ArchSpec, x: np.ndarray, y: np.ndarray, classes: int | None = None,
+                     what: str = "inputs") -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as arrays, or :class:`LearnerError`: matching non-empty inputs of the model's
+    input shape and integer labels in ``[0, classes)`` (default: the model's class count)."""
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) == 0 or len(x) != len(y):
+        raise LearnerError(f"need matching non-empty inputs and labels, got {len(x)} and {len(y)}")
+    if tuple(x.shape[1:]) != arch.input_shape:
+        raise LearnerError(f"{what} are {tuple(x.shape[1:])}, the model takes {arch.input_shape}")
+    k = arch.num_classes if classes is None else classes
+    if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= k:
+        raise LearnerError(f"labels must be integers in [0, {k})")
+    return x, y
+
+
+def check_training_fields(epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    """The ranges every learner config shares for its training fields."""
+    if not 1 <= epochs <= 1000:
+        raise LearnerError(f"epochs must lie in [1, 1000], got {epochs}")
+    if not 0 < lr <= 1:
+        raise LearnerError(f"lr must lie in (0, 1], got {lr}")
+    if not 1 <= batch_size <= 4096:
+        raise LearnerError(f"batch_size must lie in [1, 4096], got {batch_size}")
+    if seed < 0:
+        raise LearnerError("seed must be >= 0")
+
+
 def check_fits(arch: ArchSpec, state: StateDict) -> None:
     """Raise :class:`LearnerError` unless ``state`` has exactly the tensors of ``arch``."""
     with torch.device("meta"):  # shapes and dtypes only

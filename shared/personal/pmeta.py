@@ -31,6 +31,7 @@ from shared.personal.learner import (
     LearnerError,
     LearnerRefused,
     PersonalDelta,
+    check_local_data,
     register_learner,
 )
 from shared.tensors import StateDict
@@ -105,15 +106,9 @@ class PMetaLearner(Learner):
                                  f"this one has families {sorted(k for k, v in arch.extra.items() if v is not None)}")
         from shared import pmeta  # imported when used: the algorithm package is large
 
-        x, y = np.asarray(x), np.asarray(y)
-        if len(x) == 0 or len(x) != len(y):
-            raise LearnerError(f"need matching non-empty inputs and labels, got {len(x)} and {len(y)}")
-        if tuple(x.shape[1:]) != arch.input_shape:
-            raise LearnerError(f"support inputs are {tuple(x.shape[1:])}, the model takes {arch.input_shape}")
         names = cfg.class_names()
-        k = len(names) if names else int(y.max()) + 1
-        if y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= k:
-            raise LearnerError(f"labels must be integers in [0, {k})")
+        k = len(names) if names else int(np.max(y)) + 1 if len(y) else 0
+        x, y = check_local_data(arch, x, y, classes=k, what="support inputs")
         if k < 2:
             raise LearnerRefused(f"few-shot learning needs at least 2 classes, the support set has {k}")
         if k > arch.num_classes:
