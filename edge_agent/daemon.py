@@ -176,7 +176,8 @@ class Agent:
                 self.settings.status_host, self.settings.status_port, self.status,
                 on_put_budget=self.governor.http_budget.on_put,
                 on_post_few_shot=self._post_few_shot if self.support is not None else None,
-                on_put_domain=self.domains.on_put if self.domains is not None else None)
+                on_put_domain=self.domains.on_put if self.domains is not None else None,
+                token=self.settings.status_token)
             self.status_server.start()
             log.info("status endpoint http://%s:%d/status", self.settings.status_host, self.status_server.port)
 

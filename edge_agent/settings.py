@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge_agent.status_http import is_loopback
+
 
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_AGENT_", extra="ignore")
@@ -47,7 +49,8 @@ class AgentSettings(BaseSettings):
     inference_batch: int = Field(32, ge=1, le=4096, description="Inputs polled and classified per step.")
     predictions_window: int = Field(1000, ge=1, description="Predictions kept for accuracy reporting.")
     heartbeat_interval_s: float = Field(0, ge=0, description="0: use the interval the server suggests.")
-    status_host: str = Field("127.0.0.1")
+    status_host: str = Field("127.0.0.1", description="Address of the local status endpoint. It has write routes (PUT /budget, PUT /domain, POST /few-shot): an address other than loopback needs status_token.")
+    status_token: str = Field("", description="Bearer token every status-endpoint route but /healthz then needs (`Authorization: Bearer <token>`); required when status_host is not a loopback address. No default.")
     status_port: int = Field(8471, ge=-1, le=65535, description="Local status endpoint (-1 disables, 0 picks a free port).")
     backoff_initial_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(30.0, gt=0)
@@ -147,6 +150,14 @@ class AgentSettings(BaseSettings):
         if self.max_data_dir_bytes and self.max_data_dir_bytes < need:
             raise ValueError(f"max_data_dir_bytes {self.max_data_dir_bytes} must be 0 or at least "
                              f"queue_max_bytes + max_artefact_bytes = {need}")
+        return self
+
+    @model_validator(mode="after")
+    def _status_exposure(self) -> AgentSettings:
+        if self.status_port >= 0 and not self.status_token and not is_loopback(self.status_host):
+            raise ValueError(f"status_host {self.status_host!r} is not a loopback address and the status "
+                             "endpoint accepts writes: set status_token (EDGELOOP_AGENT_STATUS_TOKEN) or "
+                             "bind it to 127.0.0.1")
         return self
 
     @model_validator(mode="after")

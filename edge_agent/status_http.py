@@ -1,8 +1,8 @@
 """A tiny local HTTP endpoint for the device's operator: status, health, and budget changes.
 
 stdlib ``http.server`` only: the device install carries no web framework. Binds to
-127.0.0.1 by default, because the endpoint has no authentication; exposing it on a network
-is a deliberate choice of ``host``. Routes::
+127.0.0.1 by default; exposing it on a network is a deliberate choice of ``host`` and needs a
+``token`` (the agent's settings enforce it). Routes::
 
     GET /status    -> 200, JSON from get_status()
     GET /healthz   -> 200, "ok"
@@ -13,11 +13,17 @@ is a deliberate choice of ``host``. Routes::
                       active domain, edge_agent/domains.py); 200 with its result
 
 Errors are JSON ``{"error": ...}``: 400 bad or oversized body (or a ValueError from the
-callback), 404 unknown path, 405 wrong method, 500 a failing callback (logged).
+callback), 401 a missing or wrong token (when the server has one), 404 unknown path, 405 wrong
+method, 500 a failing callback (logged).
+
+With a ``token`` every route but /healthz needs ``Authorization: Bearer <token>``; the agent's
+settings require one for any address other than loopback (:func:`is_loopback`).
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import socket
@@ -33,6 +39,16 @@ MAX_BODY_BYTES = 64 * 1024
 _MAX_DRAIN_BYTES = 1 << 20
 _ROUTES = {"/status": "GET", "/healthz": "GET", "/budget": "PUT", "/few-shot": "POST",
            "/domain": "PUT"}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine: ``localhost`` or a loopback IP literal."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class _Server(ThreadingHTTPServer):
@@ -76,7 +92,23 @@ class _Handler(BaseHTTPRequestHandler):
         if method != allowed:
             self._error(405, f"{method} not allowed on {path}; use {allowed}", [("Allow", allowed)])
             return None
+        if path != "/healthz" and not self._authorised():
+            self.close_connection = True
+            try:  # read (a bounded amount of) any body first, so the client sees the 401
+                self._drain(min(max(int(self.headers.get("Content-Length") or 0), 0), _MAX_DRAIN_BYTES))
+            except ValueError:
+                pass
+            self._error(401, "this status endpoint needs 'Authorization: Bearer <status_token>'",
+                        [("WWW-Authenticate", "Bearer")])
+            return None
         return path
+
+    def _authorised(self) -> bool:
+        token = self.server.owner.token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     def do_GET(self) -> None:
         path = self._route("GET")
@@ -184,10 +216,12 @@ class StatusServer:
         on_put_budget: Callable[[dict], dict] | None = None,
         on_post_few_shot: Callable[[dict], dict] | None = None,
         on_put_domain: Callable[[dict], dict] | None = None,
+        token: str = "",
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must lie in [0, 65535], got {port}")
         self.host = host
+        self.token = token
         self._requested_port = port
         self.get_status = get_status or dict
         self.on_put_budget = on_put_budget

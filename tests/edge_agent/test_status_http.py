@@ -122,3 +122,40 @@ def test_default_bind_is_loopback():
         srv.stop()
     with pytest.raises(ValueError, match="port"):
         StatusServer("127.0.0.1", 70000, dict)
+
+
+def test_a_token_guards_every_route_but_healthz_and_writes_change_nothing_without_it():
+    budgets: list[dict] = []
+    srv = StatusServer("127.0.0.1", 0, lambda: {"ok": True}, lambda b: budgets.append(b) or {"accepted": b},
+                       token="s3cret-status-token")
+    srv.start()
+    try:
+        payload = json.dumps({"energy_mj_per_inference": 1.0}).encode()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-status-token"},
+                        {"Authorization": "Bearer s3cret-status-token "}):
+            for method, path, body in (("GET", "/status", None), ("PUT", "/budget", payload)):
+                code, hdrs, raw = request(srv, method, path, body, headers)
+                assert code == 401 and hdrs["WWW-Authenticate"] == "Bearer", (headers, path)
+                assert "status_token" in json.loads(raw)["error"]
+        assert budgets == []  # a refused write reached nothing
+        assert request(srv, "GET", "/healthz")[::2] == (200, b"ok")  # liveness stays open
+        good = {"Authorization": "Bearer s3cret-status-token"}
+        assert request(srv, "GET", "/status", headers=good)[0] == 200
+        assert request(srv, "PUT", "/budget", payload, good)[0] == 200
+        assert budgets == [{"energy_mj_per_inference": 1.0}]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "device.local"])
+def test_settings_refuse_a_non_loopback_status_endpoint_without_a_token(host):
+    from pydantic import ValidationError
+
+    from edge_agent.settings import AgentSettings
+
+    with pytest.raises(ValidationError, match="status_token"):
+        AgentSettings(status_host=host)
+    assert AgentSettings(status_host=host, status_token="t").status_token == "t"
+    assert AgentSettings(status_host=host, status_port=-1).status_port == -1  # disabled: nothing exposed
+    for loopback in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert AgentSettings(status_host=loopback).status_host == loopback
