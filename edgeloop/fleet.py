@@ -431,11 +431,12 @@ def render_table(rows: list[RoundRow], console: Console) -> None:
 
 def render_devices(devices: list[dict[str, Any]], console: Console) -> None:
     table = Table(title="agents at the end of the run")
-    # p-Meta: the few-shot columns appear only when some agent learns locally (learner metrics).
+    # The learner columns appear only when some agent learns locally (p-Meta's few-shot classes
+    # or a DA³ domain adaptor): its held-out accuracy, memory and time.
     few_shot = any("learner_personal_accuracy" in (d.get("metrics") or {}) for d in devices)
     cols = ["agent", "model", "active subnet", "budget", "budget hits / misses", "accuracy"]
     if few_shot:
-        cols += ["few-shot acc (held out)", "adapt saved-for-backward", "adapt s"]
+        cols += ["personal acc (held out)", "adapt saved-for-backward", "adapt s"]
     for col in cols:
         table.add_column(col, justify="right")
     for d in devices:
