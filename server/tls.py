@@ -167,22 +167,31 @@ def _new_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 def issue_server_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, names: list[str],
                       days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf_cert(ca_cert, ca_key, key.public_key(), names[0], _san(names),
+                      ExtendedKeyUsageOID.SERVER_AUTH, days)
+    return cert, key
+
+
+def _leaf_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, public_key,
+               common_name: str, san: x509.SubjectAlternativeName, usage: x509.ObjectIdentifier,
+               days: int) -> x509.Certificate:
+    """An end-entity certificate (server or client, by ``usage``) signed by the local CA; it
+    never outlives the CA."""
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
+    return (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject).public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _BACKDATE).not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(_san(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(san, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    return cert, key
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -326,21 +335,8 @@ def issue_client_cert(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivate
                       days: int = CLIENT_CERT_DAYS) -> IssuedClientCert:
     """A ``clientAuth`` certificate for ``device_id`` (CN and DNS SAN; the CSR's subject is
     ignored) over the CSR's key, signed by the local CA."""
-    now = _now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-            .issuer_name(ca_cert.subject).public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE).not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(device_id)]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = _leaf_cert(ca_cert, ca_key, csr.public_key(), device_id,
+                      x509.SubjectAlternativeName([x509.DNSName(device_id)]), ExtendedKeyUsageOID.CLIENT_AUTH, days)
     return IssuedClientCert(_pem(cert), fingerprint(cert), format(cert.serial_number, "x"), cert.not_valid_after_utc)
 
 
