@@ -26,8 +26,11 @@ class ServerContext:
     engine: Engine
     factory: sessionmaker[Session]
     blobs: BlobStore
-    rounds_wakeup: Notifier = field(default_factory=Notifier)
-    targets_changed: Notifier = field(default_factory=Notifier)
+    # payloads (docs/scale.md): rounds_wakeup {"round_id"}; targets_changed {"round_id",
+    # "device_ids" (None: any device may have moved)}; devices_changed {"device_id"}.
+    rounds_wakeup: Notifier = field(default_factory=lambda: Notifier("rounds"))
+    targets_changed: Notifier = field(default_factory=lambda: Notifier("targets"))
+    devices_changed: Notifier = field(default_factory=lambda: Notifier("devices"))
 
     @classmethod
     def open(cls, settings: ServerSettings, *, run_migrations: bool = True) -> ServerContext:
