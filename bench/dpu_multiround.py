@@ -80,7 +80,11 @@ PARTIAL_RUNS = {
     "rpu": ("rpu", "fp32", "never", "shadow"),
     "magnitude": ("magnitude", "fp32", "always", "shadow"),
     "dpu-fallback": ("dpu", "fp32", "auto", "fallback"),
+    # ALQ multi-bit values (shared.alq.vector, ~2 bits per value with error feedback): more
+    # weights per byte; run it at a larger k for the same bytes as fp32 (not run by default).
+    "dpu-alq": ("dpu", "alq", "auto", "shadow"),
 }
+VALUE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "alq": 2}  # S_w of the paper's accounting
 SEED_BYTES = 8  # a re-initialisation ships its u64 seed next to the diff
 
 
@@ -89,7 +93,7 @@ class Run:
     name: str
     method: str
     k: float
-    value_format: str  # "fp32" | "int8" (full updates always ship a raw fp32 model)
+    value_format: str  # "fp32" | "int8" | "alq" (full updates always ship a raw fp32 model)
     reinit: str  # "auto" (§5.4.2 rule), "always" (from w^0 each round), "never"
     reinit_mode: str = "shadow"  # DPUConfig.reinit_mode for "auto"
 
@@ -226,7 +230,7 @@ def paper_bytes(res, run: Run, dense: int) -> dict:
     dense tensors added at fp32."""
     if res.skipped:
         return {"weights_only": 0.0, "with_dense": 0.0}
-    bits = 32 if run.method == "full" or run.value_format == "fp32" else 8
+    bits = 32 if run.method == "full" else VALUE_BITS[run.value_format]
     k = 1.0 if run.method == "full" else res.k_effective
     weights = ideal_paper_bits(k, res.num_partial, bits) / 8
     return {"weights_only": weights, "with_dense": weights + dense}

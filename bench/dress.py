@@ -49,9 +49,12 @@ from shared.dress import (  # noqa: E402
     storage_bytes,
     subnet_flops,
     subnet_tables,
+    tables_from_bytes,
+    tables_to_bytes,
     train_dress,
 )
 from shared.dress.baseline import RFC20_SCHEDULE, dense_storage_bytes  # noqa: E402
+from shared.dress.kernels import choose_kernels  # noqa: E402
 from shared.dress.loops import TensorData, accuracy_on, cross_entropy, sgd_epochs  # noqa: E402
 from shared.models import ArchSpec, build_model, default_spec, init_weights_from_seed  # noqa: E402
 from shared.tensors import to_model_input  # noqa: E402
@@ -114,11 +117,16 @@ def state_accuracy(state: dict, spec: ArchSpec, test: TensorData) -> float:
 
 
 def latency_table(
-    dense: torch.nn.Module, runner: DressRunner, input_shape, reps: int, rounds: int = 8
+    dense: torch.nn.Module,
+    runner: DressRunner,
+    input_shape,
+    reps: int,
+    rounds: int = 8,
+    batch: int = 1,
 ) -> dict:
-    """Batch-1 latencies, interleaving dense and every subnet in ``rounds`` so that machine
+    """Latencies at ``batch``, interleaving dense and every subnet in ``rounds`` so that machine
     load drifts affect all of them alike; returns p50/p95 in ms."""
-    x = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(batch, *input_shape, generator=torch.Generator().manual_seed(0))
     k_all = list(range(runner.num_subnets))
     samples: dict[str, list[float]] = {"dense": [], **{str(k): [] for k in k_all}}
     per_round = max(1, reps // rounds)
@@ -148,6 +156,56 @@ def latency_table(
             "reps": len(ts),
         }
     return out
+
+
+def time_variant(spec: ArchSpec, dense_state: dict, tables, reps: int) -> dict:
+    """Kernels chosen by measurement (as the agent does at profile time), then batch-1 and
+    batch-32 latencies of every subnet against the dense module, interleaved, 1 thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dense = build_model(spec)
+        dense.load_state_dict({k: v.cpu() for k, v in dense_state.items()})
+        runner = DressRunner(tables)
+        t0 = time.time()
+        plan = choose_kernels(runner)
+        choose_s = time.time() - t0
+        out: dict = {"kernel_choice_s": choose_s, "kernel_plan": plan.to_dict()}
+        out["kernels"] = [list(plan.codes(k)) for k in range(tables.num_subnets)]
+        for batch, n in ((1, reps), (32, max(16, reps // 8))):
+            lat = latency_table(dense, runner, spec.input_shape, n, batch=batch)
+            out[f"latency_b{batch}"] = lat
+            out[f"speedup_b{batch}"] = [
+                lat["dense"]["p50_ms"] / lat[str(k)]["p50_ms"] for k in range(tables.num_subnets)
+            ]
+        out["switch_ms"] = measure_switch(runner, reps=400) * 1e3
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def retime(paths: list[Path], reps: int, out: Path) -> None:
+    """Re-time saved variants (``--save-tables``): kernels, batch 1 and 32, storage ratio."""
+    results = {}
+    for path in paths:
+        tables = tables_from_bytes(path.read_bytes())
+        from safetensors.torch import load_file
+
+        dense_state = load_file(str(path.with_suffix(".dense.safetensors")))
+        r = time_variant(tables.spec, dense_state, tables, reps)
+        r["storage_bytes_v2"] = storage_bytes(tables)
+        r["storage_bytes_v1"] = len(tables_to_bytes(tables, version=1))
+        r["macs"] = [subnet_flops(tables, k)["macs"] for k in range(tables.num_subnets)]
+        r["dense_macs"] = subnet_flops(tables, None)["macs"]
+        results[path.stem] = r
+        log(
+            f"{path.stem}: kernels {r['kernels']}; speed-up b1 "
+            f"{[round(v, 2) for v in r['speedup_b1']]} b32 {[round(v, 2) for v in r['speedup_b32']]}"
+            f" (choice {r['kernel_choice_s']:.1f}s)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    log(f"wrote {out}")
 
 
 def make_config(kind: str, allocation: str, args, cfg: dict) -> DressConfig:
@@ -234,6 +292,16 @@ def run_variant(kind: str, allocation: str, prep: dict, args, cfg: dict, data: d
     tables = build_dress_tables(
         result.state, spec, sparsities, allocation=result.allocation, norm_states=result.norm_states
     )
+    if args.save_tables:  # for re-timing the same trained subnets later (--retime)
+        stem = f"dress_{Path(args.dataset).name}_{name.replace(':', '_')}"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name(stem + ".tables").write_bytes(tables_to_bytes(tables))
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in prep["dense_state"].items()},
+            str(args.out.with_name(stem + ".dense.safetensors")),
+        )
     runner = DressRunner(tables)
     x_test = to_model_input(data["test"][0])  # uint8 scaled to [0, 1], float32 as it is
     dress_acc = []
@@ -245,13 +313,8 @@ def run_variant(kind: str, allocation: str, prep: dict, args, cfg: dict, data: d
         dress_acc.append(float((pred.numpy() == data["test"][1]).mean()))
     log(f"{name}: DRESS test accuracy {[round(a, 4) for a in dress_acc]} ({t_dress:.0f}s)")
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dense_cpu = build_model(spec)
-    dense_cpu.load_state_dict({k: v.cpu() for k, v in prep["dense_state"].items()})
-    lat = latency_table(dense_cpu, runner, spec.input_shape, cfg["latency_reps"])
-    switch_ms = measure_switch(runner, reps=400) * 1e3
-    torch.set_num_threads(threads)
+    timing = time_variant(spec, prep["dense_state"], tables, cfg["latency_reps"])
+    lat, switch_ms = timing["latency_b1"], timing["switch_ms"]
 
     total = storage_bytes(tables)
     prune_total = sum(p["storage_bytes"] for p in pruned)
@@ -272,6 +335,9 @@ def run_variant(kind: str, allocation: str, prep: dict, args, cfg: dict, data: d
                 "pruned_storage_bytes": pruned[k]["storage_bytes"],
                 "latency_ms": lat[str(k)],
                 "speedup_p50": lat["dense"]["p50_ms"] / lat[str(k)]["p50_ms"],
+                "latency_ms_b32": timing["latency_b32"][str(k)],
+                "speedup_p50_b32": timing["speedup_b32"][k],
+                "kernels": timing["kernels"][k],
             }
         )
     avg_dress = float(np.mean(dress_acc))
@@ -285,6 +351,8 @@ def run_variant(kind: str, allocation: str, prep: dict, args, cfg: dict, data: d
         "storage_ratio": total / prune_total,
         "storage_vs_densest_subnet": total / subnets[0]["storage_bytes_alone"],
         "sparsest_speedup": subnets[-1]["speedup_p50"],
+        "min_speedup_b1": min(timing["speedup_b1"]),
+        "min_speedup_b32": min(timing["speedup_b32"]),
         "switch_ms": switch_ms,
         "peak_memory_bytes": peak_memory_estimate(runner),
     }
@@ -580,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small CPU run (~1-2 min)")
     parser.add_argument("--device", default="cpu", help="training device, e.g. cuda")
     parser.add_argument(
-        "--models", help="comma-separated cnn|mlp[:global|:uniform] (default per mode)"
+        "--models", help="comma-separated cnn|mlp[:global|:uniform|:latency] (default per mode)"
     )
     parser.add_argument(
         "--sparsities", type=float, nargs="+", help="override the per-model defaults"
@@ -600,13 +668,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-samples", type=int, help="override the validation set size")
     parser.add_argument("--train-samples", type=int, help="cap the training samples used")
     parser.add_argument("--test-samples", type=int, help="cap the test samples used")
+    parser.add_argument(
+        "--default-cnn", action="store_true", help="--quick with the default (full-width) CNN"
+    )
+    parser.add_argument(
+        "--save-tables", action="store_true", help="also write each variant's tables"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dress.json")
     parser.add_argument(
         "--kernels",
         action="store_true",
         help="only time the candidate CPU kernels (~1 min) into dress_kernels.json",
     )
+    parser.add_argument(
+        "--retime", type=Path, nargs="+", help="re-time saved .tables files (no training)"
+    )
     args = parser.parse_args(argv)
+    if args.retime:
+        retime(args.retime, 200, args.out)
+        return
     if args.kernels:
         kernels = {
             "benchmark": "dress-kernels",
@@ -621,6 +701,8 @@ def main(argv: list[str] | None = None) -> None:
         log(f"wrote {path}")
         return
     cfg = dict(QUICK if args.quick else FULL)
+    if args.default_cnn:
+        cfg["specs"] = {"cnn": None, "mlp": None}  # both default specs
     if args.dress_epochs:
         cfg["dress_epochs"] = args.dress_epochs
         cfg["prune_epochs_per_round"] = max(1, args.dress_epochs // len(RFC20_SCHEDULE))
@@ -664,8 +746,8 @@ def main(argv: list[str] | None = None) -> None:
     prepared: dict[str, dict] = {}
     for entry in [m.strip() for m in (args.models or cfg["models"]).split(",") if m.strip()]:
         kind, _, allocation = entry.partition(":")
-        if kind not in ("cnn", "mlp") or allocation not in ("", "global", "uniform"):
-            parser.error(f"unknown model entry {entry!r}; use cnn|mlp[:global|:uniform]")
+        if kind not in ("cnn", "mlp") or allocation not in ("", "global", "uniform", "latency"):
+            parser.error(f"unknown model entry {entry!r}; use cnn|mlp[:global|:uniform|:latency]")
         if kind not in prepared:
             prepared[kind] = prepare_kind(kind, args, cfg, data)
         allocation = allocation or "global"

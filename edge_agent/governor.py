@@ -60,8 +60,14 @@ class SubnetProfile:
     energy_mj: float
     energy_source: Literal["measured", "flops-proxy"]
     flops: int
+    # Kernel per layer the latencies were measured with (shared.dress.kernels.KernelPlan.codes):
+    # "<batch>:<s|d per layer>" per profiled batch size; () when not chosen by measurement.
+    kernels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.kernels, str) or not all(isinstance(c, str) for c in self.kernels):
+            raise BudgetError(f"kernels must be a list of strings, got {self.kernels!r}")
+        object.__setattr__(self, "kernels", tuple(self.kernels))
         if isinstance(self.index, bool) or not isinstance(self.index, (int, np.integer)) \
                 or self.index < 0:
             raise BudgetError(f"subnet index must be an int >= 0, got {self.index!r}")
@@ -94,7 +100,7 @@ class SubnetProfile:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SubnetProfile:
         names = set(cls.__dataclass_fields__)
-        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"accuracy"})
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"accuracy", "kernels"})
         if unknown or missing:
             raise BudgetError(f"subnet profile: unknown fields {unknown}, missing fields {missing}")
         return cls(**{"accuracy": None, **data})

@@ -8,6 +8,11 @@ battery reports power, else a FLOPs proxy; ``edge_agent.governor.energy_mj``).
 Timing runs on a private :class:`~shared.dress.DressRunner` over the running model's tables
 (the tables are read-only and shared, so it costs only scratch buffers): the live runner keeps
 serving inference on its own subnet meanwhile, never waiting for the profile.
+
+Before timing, each layer's kernel (sparse, or the dense masked path) is chosen by measurement
+per subnet at batch 1 and 32 (:func:`shared.dress.kernels.choose_kernels`); the latencies are
+those of the chosen kernels, each profile records them (``SubnetProfile.kernels``), and the
+caller installs the same plan on the live runner (``ModelRunner.set_kernels``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from shared.dress import (
     subnet_flops,
     subnet_tables,
 )
+from shared.dress.kernels import KernelPlan, choose_kernels
 
 log = logging.getLogger(__name__)
 MB = 1 << 20
@@ -55,15 +61,18 @@ def profile_subnets(
     warmup: int | None = None,
     accuracies: Sequence[float | None] | None = None,
     pj_per_flop: float = DEFAULT_PJ_PER_FLOP,
+    kernels: KernelPlan | None = None,
 ) -> list[SubnetProfile]:
     """One :class:`SubnetProfile` per subnet of the DRESS model ``runner`` runs now.
 
     ``reps`` timed batch-1 calls per subnet after ``warmup`` untimed ones (default
     ``min(reps, 20)``); ``power_w`` the device's measured draw (None: FLOPs proxy);
-    ``accuracies`` per-subnet validation accuracy if the server reported it.
+    ``accuracies`` per-subnet validation accuracy if the server reported it; ``kernels`` a
+    plan to time with (default: chosen here by measurement and installed on ``runner`` too).
     """
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
         raise ProfilingError(f"reps must be an int >= 1, got {reps!r}")
+    model_hash = runner.model_hash  # the plan is installed only while this model runs
     tables = runner.tables
     if tables is None:
         raise ProfilingError(f"model {runner.model_hash[:12] or '(none)'} has no DRESS subnets "
@@ -73,6 +82,13 @@ def profile_subnets(
         raise ProfilingError(f"got {len(accuracies)} accuracies for {k_total} subnets")
     warmup = min(reps, 20) if warmup is None else warmup
     timer = DressRunner(tables)
+    try:
+        plan = kernels if kernels is not None else choose_kernels(timer)
+        timer.set_kernels(plan)
+    except DressError as exc:
+        raise ProfilingError(str(exc)) from exc
+    if kernels is None:
+        runner.set_kernels(plan, model_hash)
     profiles = []
     for k in range(k_total):
         try:
@@ -86,7 +102,7 @@ def profile_subnets(
             accuracy=None if accuracies is None else accuracies[k],
             latency_p50_ms=lat.p50_ms, latency_p95_ms=max(lat.p95_ms, lat.p50_ms),
             peak_memory_mb=subnet_memory_mb(tables, k), energy_mj=energy, energy_source=source,
-            flops=flops,
+            flops=flops, kernels=plan.codes(k),
         ))
     log.info("profiled %d subnets of %s: p50 %s ms", k_total, runner.model_hash[:12],
              ", ".join(f"{p.latency_p50_ms:.3g}" for p in profiles))

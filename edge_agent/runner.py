@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.dress import DressRunner, DressTables
+from shared.dress import DressError, DressRunner, DressTables
+from shared.dress.kernels import KernelPlan
 from shared.models import ArchSpec, build_model, families_of, inference_engine
 from shared.tensors import to_model_input
 
@@ -175,6 +176,19 @@ class ModelRunner:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < num_subnets:
             raise SubnetError(f"subnet must be an int in [0, {num_subnets}), got {k!r}")
         return int(k)
+
+    def set_kernels(self, plan: KernelPlan | None, model_hash: str | None = None) -> bool:
+        """Install a per-layer kernel plan measured at profile time (shared.dress.kernels) on
+        the DRESS runner; False (nothing changed) for a plain model or when another model than
+        ``model_hash`` is loaded by now."""
+        with self._lock:
+            if self._dress is None or (model_hash is not None and model_hash != self.model_hash):
+                return False
+            try:
+                self._dress.set_kernels(plan)
+            except DressError:  # measured for other tables (a model swapped in meanwhile)
+                return False
+            return True
 
     def set_subnet(self, k: int, model_hash: str | None = None) -> bool:
         """Switch the DRESS subnet (views of the tables, no weight copy).

@@ -498,6 +498,7 @@ def fleet_run(
     few_shot_classes: Annotated[str, typer.Option(help="With --model-kind pmeta: comma-separated dataset labels kept from every agent's stream and given to agent 0 as a few-shot support set, e.g. 7,8,9.")] = "",
     few_shot_shots: Annotated[int, typer.Option(min=1, max=100, help="Support samples per few-shot class.")] = 5,
     domain_shift: Annotated[bool, typer.Option("--domain-shift", help="A resnet fleet; after the rounds agent 0's images invert and it adapts a DA³ adaptor (learner da3).")] = False,
+    plots: Annotated[Path | None, typer.Option("--plots", help="Write the fleet charts (accuracy and cumulative bytes, per-subnet accuracy against latency, time per round) as PNG into this folder; needs matplotlib (the bench extra).")] = None,
 ) -> None:
     """Start a server and N agents locally, run update rounds through REST, print a table."""
     import json as _json
@@ -514,8 +515,12 @@ def fleet_run(
                           round_timeout_s=round_timeout_s, json_out=json_out, dress_sparsities=dress_sparsities,
                           insecure=insecure, few_shot_shots=few_shot_shots, domain_shift=domain_shift,
                           few_shot_classes=tuple(int(c) for c in few_shot_classes.split(",") if c.strip()),
-                          **({"budgets": _json.loads(budgets)} if budgets else {}))
-    except (ValueError, TypeError) as exc:
+                          plots_dir=plots, **({"budgets": _json.loads(budgets)} if budgets else {}))
+        if plots is not None:
+            from edgeloop.plots import require_matplotlib
+
+            require_matplotlib()
+    except (ValueError, TypeError, RuntimeError) as exc:
         _fail(exc)
     result = run_fleet(cfg)
     raise typer.Exit(0 if result.ok else 1)

@@ -23,7 +23,16 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from edgeloop.plots import (
+    RoundFigures,
+    require_matplotlib,
+    round_figures,
+    subnet_points,
+    write_fleet_plots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,8 @@ class FleetConfig:
     # shard with inverted pixels (domain "shifted"), adapts an adaptor over the frozen fleet
     # backbone and recovers its accuracy. The table shows before / after.
     domain_shift: bool = False
+    # Write the fleet charts (edgeloop/plots.py) as PNG into this folder at the end of the run.
+    plots_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.agents < 1 or self.rounds < 1 or self.samples_per_agent < 1:
@@ -100,6 +111,8 @@ class RoundRow:
     wall_s: float
     model_hash: str | None
     metrics: dict[str, Any]
+    training_s: float | None = None  # the round's finished_at - started_at (server)
+    delivery_s: float | None = None  # from seeing it done to every device settled (observed here)
 
 
 @dataclass
@@ -166,6 +179,9 @@ class LocalFleet:
         self.enrollment_token = ""
         self.ca_file: str | None = None
         self.agent_cmds: list[tuple[list[str], dict[str, str]]] = []  # to restart one (domain shift)
+        self.rest_base = ""  # scheme://host:port of the REST API (the console is at <rest_base>/ui)
+        self.operator_token = ""  # the admin token of the REST calls (printed once for the console)
+        self.figures: list[RoundFigures] = []  # per round, for the charts (edgeloop/plots.py)
 
     # --- processes ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,14 +227,15 @@ class LocalFleet:
         self.enrollment_token = create_enrollment_token(db_url, name="local fleet", max_uses=self.cfg.agents,
                                                         tags=["sim"])
         self.ca_file = ca_file = ports.get("ca_file")  # None: plaintext (insecure)
-        auth = {"Authorization": f"Bearer {operator_token(self.work / 'server')}"}
+        self.operator_token = operator_token(self.work / "server")
+        auth = {"Authorization": f"Bearer {self.operator_token}"}
+        self.rest_base = f"{'https' if ports.get('tls') else 'http'}://127.0.0.1:{ports['rest_port']}"
         if ports.get("tls"):
-            self.api = httpx.Client(base_url=f"https://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30,
+            self.api = httpx.Client(base_url=f"{self.rest_base}/api/v1", timeout=30,
                                     verify=ssl.create_default_context(cafile=ca_file), headers=auth)
             pin = ["--ca-file", ca_file]
         else:
-            self.api = httpx.Client(base_url=f"http://127.0.0.1:{ports['rest_port']}/api/v1", timeout=30,
-                                    headers=auth)
+            self.api = httpx.Client(base_url=f"{self.rest_base}/api/v1", timeout=30, headers=auth)
             pin = ["--insecure"]
         for i in range(self.cfg.agents):
             agent_env = {**os.environ, "EDGELOOP_AGENT_SHARD_ALPHA": str(self.cfg.shard_alpha),
@@ -317,6 +334,10 @@ class LocalFleet:
             time.sleep(0.5)
         return None
 
+    def write_plots(self, out_dir: Path) -> list[Path]:
+        """The fleet charts of the rounds run so far and the devices' latest heartbeats."""
+        return write_fleet_plots(out_dir, self.figures, subnet_points(self.get("/devices?limit=1000")["data"]))
+
     def stop(self) -> None:
         stop_processes([*self.agents, *([self.server] if self.server else [])])
         if self.api is not None:
@@ -363,17 +384,22 @@ class LocalFleet:
         round_id = r.json()["id"]
         deadline = t0 + self.cfg.round_timeout_s
         report: dict[str, Any] = {}
+        seen_done: float | None = None
+        delivery_s: float | None = None
         while time.monotonic() < deadline:
             self._check_alive()
             report = self.get(f"/rounds/{round_id}")
             if report["status"] in ("skipped", "failed"):
                 break
-            if report["status"] == "done" and _settled(report):
-                break
+            if report["status"] == "done":
+                seen_done = time.monotonic() if seen_done is None else seen_done
+                if _settled(report):
+                    delivery_s = time.monotonic() - seen_done
+                    break
             time.sleep(0.3)
         devices = {d["id"]: d for d in self.get("/devices?limit=1000")["data"]}
-        accs = [d["metrics"].get("recent_accuracy", d["metrics"].get("accuracy")) for d in devices.values() if d["model_hash"] == report.get("model_hash")]
-        accs = [a for a in accs if a is not None]
+        fig = round_figures(number, report, devices.values(), delivery_s)
+        self.figures.append(fig)
         m = report.get("metrics", {})
         return RoundRow(
             round=number, round_id=round_id, status=report["status"], reason=report.get("reason", ""),
@@ -383,8 +409,8 @@ class LocalFleet:
                              for d in report.get("devices", [])},
             agents_on_version=report.get("devices_on_version", 0), agents_total=report.get("devices_total", 0),
             agents_rolled_back=len(report.get("rollbacks", [])),
-            agent_accuracy=sum(accs) / len(accs) if accs else None, wall_s=time.monotonic() - t0,
-            model_hash=report.get("model_hash"), metrics=m,
+            agent_accuracy=fig.agent_accuracy, wall_s=time.monotonic() - t0,
+            model_hash=report.get("model_hash"), metrics=m, training_s=fig.training_s, delivery_s=delivery_s,
         )
 
 
@@ -456,7 +482,7 @@ def render_devices(devices: list[dict[str, Any]], console: Console) -> None:
 
 def _run_domain_shift(fleet: LocalFleet, console: Console, timeout: float) -> bool:
     """Shift agent 0's domain, wait for it to adapt on shifted samples only, print the table."""
-    before = next((d for d in fleet.get("/devices?limit=1000")["data"] if d.get("name") == "sim-0"), {})
+    before: dict[str, Any] = next((d for d in fleet.get("/devices?limit=1000")["data"] if d.get("name") == "sim-0"), {})
     acc_before = (before.get("metrics") or {}).get("recent_accuracy", (before.get("metrics") or {}).get("accuracy"))
     console.print("domain shift: sim-0's camera now inverts its images (domain 'shifted'); adapting a DA³ adaptor")
     fleet.shift_domain()
@@ -477,14 +503,26 @@ def _run_domain_shift(fleet: LocalFleet, console: Console, timeout: float) -> bo
     return m.get("learner_personal_accuracy", 0) >= m.get("learner_base_accuracy", 1)
 
 
+def print_console_access(fleet: LocalFleet, console: Console) -> None:
+    """The web console's URL and the admin token to log in with, once, at start (the fleet is
+    local and temporary: the token dies with its work dir unless --work-dir keeps it)."""
+    console.print(f"[bold]console[/bold]: {escape(fleet.rest_base)}/ui  (open while the fleet runs)")
+    console.print(f"[bold]operator token[/bold] (admin): {escape(fleet.operator_token)}")
+    if fleet.ca_file:
+        console.print(f"  TLS by the fleet's local CA: {escape(fleet.ca_file)} (trust it, or accept the browser's warning)")
+
+
 def run_fleet(cfg: FleetConfig) -> FleetResult:
     console = Console(width=None if sys.stdout.isatty() else 200)
+    if cfg.plots_dir is not None:
+        require_matplotlib()  # fail before starting anything
     fleet = LocalFleet(cfg)
     rows: list[RoundRow] = []
     ok = False
     try:
         fleet.start()
         console.print(f"[bold]fleet[/bold]: server + {cfg.agents} agents on {cfg.dataset}, work dir {fleet.work}")
+        print_console_access(fleet, console)
         total = cfg.agents * cfg.samples_per_agent
         per_round_timeout = max(60.0, 3 * cfg.samples_per_agent / max(cfg.rate_per_s, 1e-6))
         for r in range(1, cfg.rounds + 1):
@@ -507,6 +545,9 @@ def run_fleet(cfg: FleetConfig) -> FleetResult:
         if cfg.domain_shift:
             personal_ok = _run_domain_shift(fleet, console, per_round_timeout)
         render_devices(fleet.get("/devices?limit=1000")["data"], console)
+        if cfg.plots_dir is not None:
+            for path in fleet.write_plots(cfg.plots_dir):
+                console.print(f"chart: {escape(str(path))}")
         ok = personal_ok and all(r.status in ("done", "skipped") for r in rows) and all(
             r.agents_on_version + r.agents_rolled_back == r.agents_total for r in rows if r.status == "done")
         if cfg.json_out:

@@ -43,4 +43,15 @@ if ! command -v strace >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/
     || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq strace >/dev/null 2>&1; }) \
     || echo "install: could not install strace; tests/test_durable_writes.py will skip (fail in CI)"
 fi
+# chromium: the console's browser tests (tests/console) drive Debian's /usr/bin/chromium through
+# Playwright (dev extra); Playwright never downloads a browser of its own here.
+case ",$EXTRAS," in
+  *,dev,*)
+    if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "install: installing Debian package chromium"
+      (apt-get install -y -qq chromium >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }) \
+        || echo "install: could not install chromium; tests/console will fail"
+    fi ;;
+esac
 echo "install: done ($VENV)"

@@ -11,21 +11,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import uvicorn
 
-from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server.api.main import create_app
 from server.context import ServerContext
 from server.db.engine import transaction
 from server.domain import enrollment
-from server.grpc_api.servicer import FleetServicer
+from server.grpc_api.aio_server import AgentGrpcServer
 from server.settings import ServerSettings
 from server.tls import ServerTLS, ca_paths, server_tls
 from server.worker import RoundWorker
+from server.worker_child import ChildWorker
 
 log = logging.getLogger(__name__)
 TLS_RECHECK_S = 3600.0  # how often a running server looks whether its certificate needs re-issuing
@@ -46,6 +45,14 @@ def _round_worker(ctx: ServerContext) -> RoundWorker:
                        targets_changed=ctx.targets_changed)
 
 
+def _embedded_worker(ctx: ServerContext) -> RoundWorker | ChildWorker | None:
+    """The server's own round worker: a supervised child process (default: training never
+    shares the serving process's GIL), a thread (worker_mode=thread), or none."""
+    if not ctx.settings.embedded_worker:
+        return None
+    return _round_worker(ctx) if ctx.settings.worker_mode == "thread" else ChildWorker(ctx)
+
+
 def _serve_until_signalled(stop: Callable[[], None]) -> None:
     """Block until SIGINT or SIGTERM, then ``stop()`` (an orderly shutdown, not a kill)."""
     requested = threading.Event()
@@ -59,11 +66,11 @@ class EdgeLoopServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.ctx = ServerContext.open(settings, run_migrations=settings.migrate_on_start)
-        self.worker = _round_worker(self.ctx) if settings.embedded_worker else None
+        self.worker = _embedded_worker(self.ctx)
         self.grpc_port = 0
         self.mtls_port = 0  # bound only with settings.mtls
         self.rest_port = 0
-        self._grpc: grpc.Server | None = None
+        self._grpc: AgentGrpcServer | None = None
         self._uvicorn: uvicorn.Server | None = None
         self._rest_thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -149,16 +156,9 @@ class EdgeLoopServer:
         if os.environ.get("EDGELOOP_ENROLLMENT_TOKEN"):  # the old shared secret: ignored, say so
             log.warning("EDGELOOP_ENROLLMENT_TOKEN is no longer used (there is no shared enrollment token); %s",
                         enrollment.CREATE_HINT)
-        opts = [
-            ("grpc.max_receive_message_length", s.grpc_max_message_bytes),
-            ("grpc.max_send_message_length", s.grpc_max_message_bytes),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
-        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=s.grpc_max_workers, thread_name_prefix="grpc"),
-                                 options=opts, maximum_concurrent_rpcs=s.grpc_max_workers)
-        servicer = FleetServicer(s, self.ctx.factory, self.ctx.blobs, self.ctx.targets_changed)
-        pb_grpc.add_EdgeFleetServicer_to_server(servicer, self._grpc)
+        # The agent server: grpc.aio on its own loop; open streams hold no thread (docs/scale.md).
+        self._grpc = AgentGrpcServer(self.ctx, s)
+        servicer = self._grpc.servicer
         self.tls = tls = self._load_tls()
         address = f"{s.grpc_host}:{s.grpc_port}"
         if tls is None:
@@ -210,7 +210,7 @@ class EdgeLoopServer:
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._grpc is not None:
-            self._grpc.stop(grace).wait(grace + 1)
+            self._grpc.stop(grace)  # ends the watch streams, flushes pending heartbeats
         if self.worker is not None:
             self.worker.stop()
         if self._rest_thread is not None:

@@ -12,6 +12,7 @@ from server.db import migrate
 from server.db.engine import make_engine, make_session_factory, transaction
 from server.domain.rounds import fail_interrupted
 from server.domain.versions import ensure_initial_version
+from server.events import EventRouter, open_router
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.signing import open_signing
@@ -31,6 +32,12 @@ class ServerContext:
     rounds_wakeup: Notifier = field(default_factory=lambda: Notifier("rounds"))
     targets_changed: Notifier = field(default_factory=lambda: Notifier("targets"))
     devices_changed: Notifier = field(default_factory=lambda: Notifier("devices"))
+    # Bridges the three notifiers to other processes (settings.event_bus; server/events).
+    events: EventRouter | None = None
+
+    @property
+    def notifiers(self) -> dict[str, Notifier]:
+        return {n.name: n for n in (self.rounds_wakeup, self.targets_changed, self.devices_changed)}
 
     @classmethod
     def open(cls, settings: ServerSettings, *, run_migrations: bool = True) -> ServerContext:
@@ -49,7 +56,16 @@ class ServerContext:
                 log.warning("marked %d interrupted rounds as failed", n)
             v0 = ensure_initial_version(s, ctx.blobs, settings.arch, settings.init_seed)
             log.info("fleet model %s (version %d)", v0.model_hash[:12], v0.number)
+        try:
+            ctx.events = open_router(ctx.notifiers, event_bus=settings.event_bus,
+                                     database_url=settings.resolved_database_url)
+        except Exception:
+            ctx.engine.dispose()
+            raise
         return ctx
 
     def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
         self.engine.dispose()

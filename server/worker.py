@@ -41,10 +41,11 @@ from server.domain.versions import (
     lock_publishing,
     publish_version,
 )
+from server.events.base import MAX_DEVICE_IDS
 from server.notifier import Notifier
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
-from server.training import state_store
+from server.training import distributed, state_store
 from server.training.da3 import backbone_version
 from server.training.policy import PolicyState, RoundInputs, RoundOutcome, UpdatePolicy
 from server.training.registry import get_policy
@@ -100,7 +101,7 @@ class RoundWorker:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the round in hand within ``timeout``, else fail it (this process is going)."""
         self._stop.set()
-        self.rounds_wakeup.notify()
+        self.rounds_wakeup.deliver()  # wakes this worker's loop only, not every worker on the bus
         if self._thread.is_alive():
             self._thread.join(timeout)
         current = self._current
@@ -262,12 +263,23 @@ class RoundWorker:
             with transaction(self.factory) as s:
                 state_store.collect_garbage(s, self.blobs, [sha])
 
+    def _train(self, started: _Started) -> RoundOutcome:
+        """In this process, or (a large enough `full` round, distributed_nproc_per_node > 1)
+        with DDP ranks under torchrun (server/training/distributed.py)."""
+        nproc = distributed.nproc_for(self.settings, started.policy, started.inputs)
+        if nproc <= 1:
+            return started.policy.run(started.inputs)
+        log.info("training with %d DDP processes", nproc)
+        return distributed.train_full_distributed(
+            started.inputs, nproc=nproc, jobs_dir=self.settings.data_dir / "jobs",
+            torchrun_args=self.settings.distributed_torchrun_args)
+
     def _run(self, round_id: str) -> None:
         t0 = time.monotonic()
         with tqdm(total=1, desc=f"round {round_id[:8]}", unit="step", leave=True, mininterval=1.0) as bar:
             with transaction(self.factory) as s:
                 started = self._start(s, round_id, bar)
-            outcome = started.policy.run(started.inputs)
+            outcome = self._train(started)
         metrics = {**outcome.metrics, "train_seconds": round(time.monotonic() - t0, 3)}
         if started.state_note:
             metrics["state_note"] = started.state_note
@@ -320,7 +332,7 @@ class RoundWorker:
             for dev in devices:
                 dev.target_model_hash = mv.model_hash
             rnd.model_hash = mv.model_hash
-            rnd.device_ids = [d.id for d in devices]
+            rnd.device_ids = ids = [d.id for d in devices]
             metrics["publish_seconds"] = round(time.monotonic() - t0 - metrics.get("train_seconds", 0), 3)
             rnd.metrics = metrics
             mv.metrics = dict(metrics)
@@ -329,4 +341,5 @@ class RoundWorker:
         self._collect(garbage)
         log.info("round %s done: version %s (%s) -> %d devices", round_id, mv.model_hash[:12], rnd.lineage,
                  len(devices))
-        self.targets_changed.notify()
+        # Contract (server/context.py): at most MAX_DEVICE_IDS ids, else None ("any device").
+        self.targets_changed.notify({"round_id": round_id, "device_ids": ids if len(ids) <= MAX_DEVICE_IDS else None})

@@ -183,3 +183,48 @@ def test_codec_bench_refuses_bad_datasets(tmp_path, no_test_npz, tiny_npz, capsy
     assert exc.value.code == 2
     assert "unknown dataset" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_fleet_scale_bench_refuses_bad_sizes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench("fleet_scale").main(["--agents", "0", "--out", str(tmp_path / "f.json")])
+    assert exc.value.code == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a real server and 200 real-protocol agents: ~1-2 min
+def test_fleet_scale_bench_quick_mode_delivers_a_round_to_every_agent(tmp_path, tiny_npz):
+    out = tmp_path / "fleet.json"
+    results = _bench("fleet_scale").main(["--quick", "--agents", "200", "--samples-per-agent", "2",
+                                          "--dataset", str(tiny_npz), "--steady-s", "3", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    (r,) = saved["results"]
+    assert [x["agents"] for x in results] == [200]
+    assert r["tls"] and r["ramp"]["ready"] == 200 and r["round"]["status"] == "done"
+    assert r["delivery"]["verified"] == 200 and r["delivery"]["missed"] == 0 and r["delivery"]["s"] is not None
+    # Every agent checked what it received; each distinct artefact was decoded once (version 0, the diff).
+    assert r["harness"]["verify_failures"] == 0 and r["harness"]["decodes"] == 2
+    assert r["harness"]["channels"] == 200  # one connection per agent
+    assert not any(code.startswith("verify") for rpc in r["errors"].values() for code in rpc)
+    assert r["heartbeat"]["after_ramp"]["count"] > 0 and r["rest"]["round"]["count"] > 0
+    assert r["server"]["rss_mb_max"] > 0 and r["server"]["threads_max"] > 0 and r["steady"]["cpu_pct"] is not None
+
+
+def test_alq_bench_on_a_tiny_dataset(tmp_path, tiny_npz):
+    out = tmp_path / "alq.json"
+    res = _bench("alq").main(["--quick", "--dataset", str(tiny_npz), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert saved["dataset"] == tiny_npz.name and saved["train_samples"] == 48
+    rows = {r["name"]: r for r in saved["models"]}
+    assert set(rows) == {"fp32", "int8", "alq@2", "uniform@2"} == {r["name"] for r in res["models"]}
+    assert rows["alq@2"]["bits"] <= 2.0 and rows["uniform@2"]["bits"] == 2.0
+    assert rows["fp32"]["bytes"] > 3.5 * rows["int8"]["bytes"]
+    assert rows["int8"]["bytes"] > 2.5 * rows["alq@2"]["bytes"]  # 8 vs ~2 bits, biases at fp32
+    assert set(saved["runner"]) == {"expanded", "packed", "bitplane", "fp32 model", "of"}
+    for mode in ("expanded", "packed", "bitplane"):
+        assert saved["runner"][mode]["max_abs_diff_vs_model"] < 1e-3  # float sums in another order
+    for fmt in ("fp32", "int8", "alq"):
+        assert 0.0 <= saved["dpu_diff"][0][fmt]["accuracy"] <= 1.0
+    assert saved["dpu_diff"][0]["alq"]["bytes"] < saved["dpu_diff"][0]["fp32"]["bytes"]

@@ -481,7 +481,8 @@ def test_compose_init_prepares_the_server_and_the_simulated_fleet(clean_env) -> 
     compose = load_compose()
     services = compose["services"]
     init, server, agent = services["init"], services["server"], services["agent"]
-    assert init["image"] == server["image"] and service_env(init) == service_env(server)
+    assert init["image"] == server["image"]
+    assert service_env(init) == {k: v for k, v in service_env(server).items() if k != "EDGELOOP_EMBEDDED_WORKER"}
     assert init["restart"] == "no" and (init.get("depends_on") or {})["db"]["condition"] == "service_healthy"
     entry = init["entrypoint"]
     assert copied_files(DOCKERFILES["server"]).get(f"/usr/local/bin/{entry[0]}") == f"deploy/{COMPOSE_INIT.name}"
@@ -536,17 +537,29 @@ def test_compose_init_script_runs_and_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_compose_workers_share_the_server_database_and_blobs(clean_env) -> None:
-    """Worker processes run rounds on the server's database and blob directory, with its model."""
+    """Worker processes run rounds on the server's database and blob directory, with its model;
+    the API server runs no worker of its own, and both sides are on the PostgreSQL event bus."""
+    from server.events.router import bus_kind
+
     compose = load_compose()
     services = compose["services"]
     workers, server = services["workers"], services["server"]
     assert workers["command"] == [console_script_name(), "server", "worker"]
     assert workers["image"] == server["image"]  # the server image, built by the server service
-    assert service_env(workers) == service_env(server)
-    settings = settings_from_env("server", {**image_env(DOCKERFILES["server"]), **service_env(workers)}, clean_env)
+    server_env = {**image_env(DOCKERFILES["server"]), **service_env(server)}
+    worker_env = {**image_env(DOCKERFILES["server"]), **service_env(workers)}
+    # The same settings but for the one that only `server run` reads.
+    assert {k: v for k, v in server_env.items() if k != "EDGELOOP_EMBEDDED_WORKER"} == worker_env
+    settings = settings_from_env("server", worker_env, clean_env)
+    server_settings = settings_from_env("server", server_env, clean_env)
+    assert not server_settings.embedded_worker, "the API service must leave training to the workers service"
+    for s in (settings, server_settings):
+        assert s.event_bus == "postgres" and bus_kind(s.event_bus, s.database_url) == "postgres"
     assert mounts(workers).get(str(settings.data_dir)) == mounts(server).get(str(settings.data_dir))
     assert not workers.get("ports"), "a worker serves no API"
     assert (workers.get("depends_on") or {}).get("server", {}).get("condition") == "service_healthy"
+    # At least one worker runs by default (no replicas: 0 / scale: 0), or no round would ever train.
+    assert (workers.get("deploy") or {}).get("replicas", 1) >= 1 and workers.get("scale", 1) >= 1
 
 
 def test_compose_db_service() -> None:

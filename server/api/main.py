@@ -24,8 +24,10 @@ from server.api.deps import route_scopes
 from server.api.errors import ERROR_TEXT, error_response, install_error_handlers
 from server.api.routes import (
     audit,
+    console,
     devices,
     enrollment,
+    events,
     health,
     models,
     rounds,
@@ -33,6 +35,7 @@ from server.api.routes import (
     signing,
     tokens,
 )
+from server.console.serve import install_console
 from server.context import ServerContext
 from server.domain.operators import ensure_operator_access
 from server.domain.samples import label_classes
@@ -216,10 +219,11 @@ def create_app(ctx: ServerContext, *, max_body_bytes: int = MAX_BODY_BYTES) -> F
                        burst=s.rest_auth_fail_burst, max_keys=s.rate_limit_max_keys)
 
     api = APIRouter(prefix=API_PREFIX)
-    for module in (devices, samples, models, rounds, tokens, audit, enrollment, signing):
+    for module in (devices, samples, models, rounds, tokens, audit, enrollment, signing, console, events):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)
+    install_console(app, ctx)  # /ui: the web console (docs/console.md)
     check_route_scopes(app)
     add_runtime_bounds(app, ctx)
     ensure_operator_access(ctx.factory, ctx.settings.data_dir, ctx.settings.operator_token)

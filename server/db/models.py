@@ -29,6 +29,8 @@ LINEAGE = String(96)  # "all", "tag:<tag>", "devices:<16 hex>" (server.domain.li
 
 class Device(Base):
     __tablename__ = "devices"
+    # GET /devices pages in registration order (migration 0008).
+    __table_args__ = (Index("ix_devices_created_at_id", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     hardware_id: Mapped[str] = mapped_column(String(128), unique=True)
@@ -62,6 +64,7 @@ class Sample(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "sample_id", name="uq_samples_device_sample"),
         Index("ix_samples_label", "label"),
+        Index("ix_samples_device_id_label", "device_id", "label"),  # counts per device and label (0008)
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
@@ -91,6 +94,8 @@ class Artefact(Base):
 
 class ModelVersion(Base):
     __tablename__ = "model_versions"
+    # GET /models?lineage= pages a lineage newest first (migration 0008).
+    __table_args__ = (Index("ix_model_versions_lineage_number", "lineage", "number"),)
 
     model_hash: Mapped[str] = mapped_column(HASH, primary_key=True)
     number: Mapped[int] = mapped_column(Integer, unique=True)  # 0, 1, 2... in publish order
@@ -117,6 +122,7 @@ class Round(Base):
     # build on each other's state and must run in order, whatever the number of workers.
     __table_args__ = (
         Index("uq_rounds_active_lineage", "lineage", unique=True, postgresql_where=_ACTIVE, sqlite_where=_ACTIVE),
+        Index("ix_rounds_created_at_id", "created_at", "id"),  # GET /rounds, newest first (0008)
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -190,6 +196,7 @@ class OperatorToken(Base):
     can be named and revoked. ``scope`` is one of read < operate < admin (server.domain.operators)."""
 
     __tablename__ = "operator_tokens"
+    __table_args__ = (Index("ix_operator_tokens_created_at_id", "created_at", "id"),)  # GET /tokens (0008)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(64))
@@ -207,6 +214,7 @@ class AuditEvent(Base):
     completed with its outcome afterwards (server.domain.audit)."""
 
     __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_token_name", "token_name"),)  # GET /audit?token=<name> (0008)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -7,12 +7,15 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from server.db.base import utcnow
 from server.db.models import Device, ModelVersion
+from server.domain import queries as Q
 from server.domain.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 
 TAG = re.compile(r"^[a-z0-9._-]{1,64}$")
@@ -106,9 +109,29 @@ def authenticate(session: Session, credential: str) -> Device:
     return device
 
 
-def record_heartbeat(
-    session: Session,
-    device: Device,
+@dataclass(slots=True)
+class HeartbeatReport:
+    """One heartbeat's fields, validated (:func:`heartbeat_report`) and ready to store."""
+
+    model_hash: str
+    active_subnet: int
+    budget: dict[str, float]
+    metrics: dict[str, float]
+    state: str
+    last_error: str
+    samples_pending: int
+    rollbacks: list[dict]
+    seen_at: datetime
+
+    def then(self, newer: HeartbeatReport) -> HeartbeatReport:
+        """Two heartbeats of one device in one flush interval: the newer one's fields, both
+        ones' rollback reports."""
+        if self.rollbacks:
+            newer.rollbacks = merge_rollbacks(self.rollbacks, newer.rollbacks)
+        return newer
+
+
+def heartbeat_report(
     *,
     model_hash: str,
     active_subnet: int,
@@ -118,24 +141,72 @@ def record_heartbeat(
     last_error: str,
     samples_pending: int,
     rollbacks: list[dict] | None = None,
-) -> Device:
-    """Store what a heartbeat reports. ``rollbacks`` ({model_hash, reason, at_ms} each) are
-    merged into the device's history: a report already held is not a new rollback."""
+) -> HeartbeatReport:
+    """Validate what a heartbeat reports (:class:`InvalidArgumentError` refuses all of it)."""
     if len(metrics) > MAX_METRICS or any(len(k) > 64 for k in metrics):
         raise InvalidArgumentError(f"metrics: at most {MAX_METRICS} entries with names <= 64 chars")
     if model_hash and not re.fullmatch(r"[0-9a-f]{64}", model_hash):
         raise InvalidArgumentError("model_hash must be empty or 64 lowercase hex characters")
-    device.model_hash = model_hash
-    device.active_subnet = int(active_subnet)
-    device.budget = budget
-    device.metrics = {k: float(v) for k, v in metrics.items()}
-    device.state = _clip(state, 32, "state")
-    if rollbacks:
-        device.rollbacks = merge_rollbacks(device.rollbacks or [], rollbacks)  # a new list: JSON change seen
-    device.last_error = _clip(last_error, 4096, "last_error")
-    device.samples_pending = max(0, int(samples_pending))
-    device.last_seen_at = utcnow()
+    return HeartbeatReport(
+        model_hash=model_hash, active_subnet=int(active_subnet), budget=dict(budget),
+        metrics={k: float(v) for k, v in metrics.items()}, state=_clip(state, 32, "state"),
+        last_error=_clip(last_error, 4096, "last_error"), samples_pending=max(0, int(samples_pending)),
+        rollbacks=merge_rollbacks([], rollbacks) if rollbacks else [], seen_at=utcnow(),
+    )
+
+
+def apply_heartbeat(device: Device, report: HeartbeatReport) -> Device:
+    device.model_hash = report.model_hash
+    device.active_subnet = report.active_subnet
+    device.budget = report.budget
+    device.metrics = report.metrics
+    device.state = report.state
+    if report.rollbacks:
+        device.rollbacks = merge_rollbacks(device.rollbacks or [], report.rollbacks)  # a new list: JSON change seen
+    device.last_error = report.last_error
+    device.samples_pending = report.samples_pending
+    device.last_seen_at = report.seen_at
     return device
+
+
+def record_heartbeat(session: Session, device: Device, **fields) -> Device:  # noqa: ANN003 - heartbeat_report's
+    """Store what a heartbeat reports. ``rollbacks`` ({model_hash, reason, at_ms} each) are
+    merged into the device's history: a report already held is not a new rollback."""
+    return apply_heartbeat(device, heartbeat_report(**fields))
+
+
+def write_heartbeats(session: Session, reports: dict[str, HeartbeatReport], chunk: int = 500) -> int:
+    """Store the heartbeats of many devices (device id -> its latest report) in the caller's
+    transaction with a few batched statements: no row is loaded except the rollback history
+    of devices that reported rollbacks. Unknown ids are skipped. Returns the rows written."""
+    table = cast(Table, Device.__table__)
+    ids = list(reports)
+    held: dict[str, list] = {}
+    with_rollbacks = [i for i in ids if reports[i].rollbacks]
+    for start in range(0, len(with_rollbacks), chunk):
+        part = with_rollbacks[start : start + chunk]
+        held.update((r[0], r[1]) for r in session.execute(select(table.c.id, table.c.rollbacks).where(table.c.id.in_(part))))
+    fields = ("model_hash", "active_subnet", "budget", "metrics", "state", "last_error", "samples_pending")
+    plain, merged = [], []
+    for device_id in ids:
+        r = reports[device_id]
+        row = {"b_id": device_id, "last_seen_at": r.seen_at, **{f: getattr(r, f) for f in fields}}
+        if r.rollbacks:
+            if device_id not in held:
+                continue  # deleted meanwhile
+            merged.append({**row, "rollbacks": merge_rollbacks(held[device_id] or [], r.rollbacks)})
+        else:
+            plain.append(row)
+    written = 0
+    for rows in (plain, merged):
+        if not rows:
+            continue
+        cols = [k for k in rows[0] if k != "b_id"]
+        stmt = update(table).where(table.c.id == bindparam("b_id")).values({c: bindparam(c) for c in cols})
+        for start in range(0, len(rows), chunk):
+            result = session.execute(stmt, rows[start : start + chunk])
+            written += max(0, getattr(result, "rowcount", 0) or 0)
+    return written
 
 
 def merge_rollbacks(held: list[dict], reported: list[dict]) -> list[dict]:
@@ -176,24 +247,53 @@ def get_device(session: Session, device_id: str) -> Device:
 
 
 def list_devices(session: Session, *, tag: str | None = None, offset: int = 0, limit: int = 100) -> tuple[list[Device], int]:
-    devices = list(session.scalars(select(Device).order_by(Device.created_at, Device.id)))
-    if tag is not None:
-        devices = [d for d in devices if tag in (d.tags or [])]
-    return devices[offset : offset + limit], len(devices)
+    """One page of devices, oldest registration first, and how many match: both computed by
+    the database (index ix_devices_created_at_id; the tag test is SQL, server.domain.queries)."""
+    if tag is not None and not TAG.fullmatch(tag):
+        return [], 0  # no device holds it (tags are validated); and "\x00" never reaches JSONB
+    where = [Q.has_tag(session, Device.tags, tag)] if tag is not None else []
+    rows = Q.page(session, select(Device).where(*where).order_by(Device.created_at, Device.id), offset=offset, limit=limit)
+    return rows, Q.count(session, Device, *where)
+
+
+COHORT_ID_CHUNK = 500  # device ids per IN (...) query: under every driver's parameter limit
+
+
+def _cohort_where(session: Session, cohort: dict) -> list:
+    if cohort.get("all"):
+        return []
+    if "tag" in cohort:
+        return [Q.has_tag(session, Device.tags, cohort["tag"])]
+    raise InvalidArgumentError("cohort must be {'all': true}, {'device_ids': [...]} or {'tag': '...'}")
 
 
 def resolve_cohort(session: Session, cohort: dict) -> list[Device]:
-    """Devices a round targets: ``{"all": true}``, ``{"device_ids": [...]}`` or ``{"tag": "x"}``."""
-    active = [d for d in session.scalars(select(Device).order_by(Device.id)) if not d.revoked]
-    if cohort.get("all"):
-        return active
+    """Devices a round targets: ``{"all": true}``, ``{"device_ids": [...]}`` or ``{"tag": "x"}``,
+    revoked ones left out, by id. Only the cohort's rows are read (the filter is SQL)."""
+    active = Device.revoked.is_(False)
     if "device_ids" in cohort:
-        wanted = set(cohort["device_ids"])
-        found = [d for d in active if d.id in wanted]
-        missing = wanted - {d.id for d in found}
+        wanted = sorted(set(cohort["device_ids"]))
+        found: list[Device] = []
+        for i in range(0, len(wanted), COHORT_ID_CHUNK):
+            found.extend(session.scalars(select(Device).where(Device.id.in_(wanted[i : i + COHORT_ID_CHUNK]), active)))
+        missing = set(wanted) - {d.id for d in found}
         if missing:
             raise NotFoundError(f"unknown or revoked devices in cohort: {sorted(missing)[:5]}")
-        return found
-    if "tag" in cohort:
-        return [d for d in active if cohort["tag"] in (d.tags or [])]
-    raise InvalidArgumentError("cohort must be {'all': true}, {'device_ids': [...]} or {'tag': '...'}")
+        return sorted(found, key=lambda d: d.id)
+    return list(session.scalars(select(Device).where(active, *_cohort_where(session, cohort)).order_by(Device.id)))
+
+
+def check_cohort(session: Session, cohort: dict) -> int:
+    """What :func:`resolve_cohort` checks (unknown or revoked ids: NotFoundError), without
+    loading the devices: the number of devices the cohort holds now, counted by the database."""
+    active = Device.revoked.is_(False)
+    if "device_ids" in cohort:
+        wanted = sorted(set(cohort["device_ids"]))
+        found: set[str] = set()
+        for i in range(0, len(wanted), COHORT_ID_CHUNK):
+            found.update(session.scalars(select(Device.id).where(Device.id.in_(wanted[i : i + COHORT_ID_CHUNK]), active)))
+        missing = set(wanted) - found
+        if missing:
+            raise NotFoundError(f"unknown or revoked devices in cohort: {sorted(missing)[:5]}")
+        return len(found)
+    return Q.count(session, Device, active, *_cohort_where(session, cohort))

@@ -19,7 +19,8 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.db.base import utcnow
@@ -219,8 +220,24 @@ def _provision(session: Session, token: str) -> None:
 def ensure_operator_access(factory: sessionmaker[Session], data_dir: Path, provisioned: str = "") -> str | None:
     """Run at server start. Stores ``provisioned`` (EDGELOOP_OPERATOR_TOKEN) if set; then, if
     no active admin token exists, creates ``bootstrap-admin``, writes it to
-    :func:`bootstrap_token_path` and returns it (else None)."""
+    :func:`bootstrap_token_path` and returns it (else None).
+
+    Replicas starting together on one PostgreSQL database serialise on an advisory lock, so
+    exactly one provisions; elsewhere a lost insert race (IntegrityError) is re-checked."""
+    for attempt in range(3):
+        try:
+            return _ensure_operator_access_once(factory, data_dir, provisioned)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+            log.info("another server provisioned operator access at the same moment; checking again")
+    return None
+
+
+def _ensure_operator_access_once(factory: sessionmaker[Session], data_dir: Path, provisioned: str) -> str | None:
     with transaction(factory) as s:
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext('edgeloop-operator-access'))"))
         if provisioned:
             _provision(s, provisioned)
         admins = s.scalars(select(OperatorToken).where(OperatorToken.scope == "admin",

@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, aliased
 
 from server.db.base import utcnow
 from server.db.models import Delivery, Device, Round
-from server.domain.devices import resolve_cohort
+from server.domain import queries as Q
+from server.domain.devices import COHORT_ID_CHUNK, check_cohort
 from server.domain.errors import ConflictError, NotFoundError
 from server.domain.lineage import lineage_key, validate_cohort, validate_data_scope
 
@@ -36,7 +37,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 def create_round(session: Session, *, method: str, cohort: dict, params: dict, data_scope: str = "cohort") -> Round:
     cohort = validate_cohort(cohort)
-    resolve_cohort(session, cohort)  # unknown device ids fail now, not in the worker
+    check_cohort(session, cohort)  # unknown device ids fail now, not in the worker (a COUNT: no rows read)
     rnd = Round(id=uuid.uuid4().hex, status=QUEUED, method=method, cohort=cohort, params=params,
                 lineage=lineage_key(cohort), data_scope=validate_data_scope(data_scope))
     session.add(rnd)
@@ -54,7 +55,13 @@ def get_round(session: Session, round_id: str, *, for_update: bool = False) -> R
 
 
 def list_rounds(session: Session, *, offset: int = 0, limit: int = 100) -> list[Round]:
-    return list(session.scalars(select(Round).order_by(Round.created_at.desc()).offset(offset).limit(limit)))
+    """One page of rounds, newest first (index ix_rounds_created_at_id; the id breaks ties so
+    pages never overlap)."""
+    return Q.page(session, select(Round).order_by(Round.created_at.desc(), Round.id.desc()), offset=offset, limit=limit)
+
+
+def count_rounds(session: Session) -> int:
+    return Q.count(session, Round)
 
 
 def transition(session: Session, rnd: Round, status: str, *, reason: str = "") -> Round:
@@ -220,7 +227,9 @@ def round_report(session: Session, rnd: Round) -> dict:
     sent: dict[str, int] = {}
     for d in session.scalars(select(Delivery).where(Delivery.final_model_hash == rnd.model_hash)):
         sent[d.device_id] = sent.get(d.device_id, 0) + d.bytes_sent
-    devices = {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(rnd.device_ids)))}
+    ids = list(rnd.device_ids)
+    devices = {d.id: d for i in range(0, len(ids), COHORT_ID_CHUNK)  # a cohort may exceed a driver's parameter limit
+               for d in session.scalars(select(Device).where(Device.id.in_(ids[i : i + COHORT_ID_CHUNK])))}
     for device_id in rnd.device_ids:
         dev = devices.get(device_id)
         runs_it = bool(dev and dev.model_hash == rnd.model_hash)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy import func, literal, or_, select, text
+from sqlalchemy.orm import Session, aliased
 
 from server.db.models import Artefact, ModelVersion
 from server.domain.errors import NotFoundError
@@ -140,11 +140,37 @@ class UpdatePlan:
     chain_bytes: int  # total bytes of the whole remaining path
 
 
+MAX_ANCESTRY = 256  # versions walked up from the target; older ones are reached by the full model
+
+
+def ancestry(session: Session, target: str, max_depth: int = MAX_ANCESTRY) -> list[str]:
+    """``target`` and its ancestors (parent links), nearest first: one recursive query."""
+    up = select(ModelVersion.model_hash, ModelVersion.parent_hash, literal(0).label("depth")).where(
+        ModelVersion.model_hash == target).cte("ancestry", recursive=True)
+    parent = aliased(ModelVersion)
+    up = up.union_all(select(parent.model_hash, parent.parent_hash, up.c.depth + 1)
+                      .where(parent.model_hash == up.c.parent_hash, up.c.depth < max_depth))
+    return list(session.scalars(select(up.c.model_hash).order_by(up.c.depth)))
+
+
 def _diff_path(session: Session, have: str, target: str, max_hops: int = 32) -> list[Artefact] | None:
     """Fewest-bytes chain from ``have`` to ``target`` over diff artefacts (edges base -> target)
-    and seed artefacts (a re-initialisation, reachable from any model: DPU §5.4.2)."""
-    diffs = list(session.scalars(select(Artefact).where(Artefact.base_model_hash.is_not(None))))
-    seeds = list(session.scalars(select(Artefact).where(Artefact.encoding == SEED_MODEL_ENCODING)))
+    and seed artefacts (a re-initialisation, reachable from any model: DPU §5.4.2).
+
+    Only the target's ancestry is searched: every artefact the worker publishes leads to a
+    version from one of its ancestors (a diff's base is the version the round trained from,
+    or the re-initialised version in between; a seed's target is that version), so the last
+    edge of any chain ends at ``target`` and, edge by edge backwards, every edge ends on the
+    ancestry. One indexed query (ix_artefacts_target_model_hash) reads just those artefacts,
+    however many other versions and diffs the fleet has."""
+    path = ancestry(session, target)
+    if not path:
+        return None
+    candidates = list(session.scalars(select(Artefact).where(
+        Artefact.target_model_hash.in_(path),
+        or_(Artefact.base_model_hash.is_not(None), Artefact.encoding == SEED_MODEL_ENCODING))))
+    diffs = [a for a in candidates if a.base_model_hash is not None]
+    seeds = [a for a in candidates if a.encoding == SEED_MODEL_ENCODING]
     edges: dict[str, list[Artefact]] = {}
     for a in diffs:
         edges.setdefault(a.base_model_hash or "", []).append(a)
@@ -157,11 +183,11 @@ def _diff_path(session: Session, have: str, target: str, max_hops: int = 32) -> 
     for _ in range(max_hops):
         nxt = []
         for node in frontier:
-            cost, path = best[node]
+            cost, chain = best[node]
             for a in edges.get(node, []):
                 c = cost + a.size
                 if a.target_model_hash not in best or c < best[a.target_model_hash][0]:
-                    best[a.target_model_hash] = (c, [*path, a])
+                    best[a.target_model_hash] = (c, [*chain, a])
                     nxt.append(a.target_model_hash)
         frontier = nxt
         if not frontier:

@@ -1,14 +1,19 @@
-"""gRPC servicer for agents: thin handlers that authenticate, call the domain layer, and map
-domain errors to status codes."""
+"""gRPC servicer for agents (grpc.aio): thin async handlers that authenticate, call the domain
+layer on the bounded database pool (server/grpc_api/blocking.py), and map domain errors to
+status codes. An open WatchUpdates stream is a coroutine waiting on a timer: no thread, no
+polling (server/grpc_api/hub.py); heartbeats are answered from memory and written in batches
+(server/grpc_api/heartbeats.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
 
 import grpc
 from sqlalchemy import select, update
@@ -19,7 +24,7 @@ from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server import signing
 from server.db.base import utcnow
 from server.db.engine import transaction
-from server.db.models import Delivery, Device, DeviceClientCertificate, ModelVersion
+from server.db.models import Delivery, Device, DeviceClientCertificate
 from server.domain import devices as D
 from server.domain import enrollment
 from server.domain.errors import (
@@ -32,8 +37,11 @@ from server.domain.errors import (
 )
 from server.domain.samples import SampleIn, ingest_samples
 from server.domain.versions import get_version, plan_update
+from server.grpc_api.blocking import BlockingPool, Overloaded
+from server.grpc_api.heartbeats import CredentialCache, HeartbeatBatcher
+from server.grpc_api.hub import REVOKED, STOPPING, StreamHub, Target
 from server.grpc_api.ratelimit import RateLimited, RateLimiter, StreamLimiter
-from server.notifier import Notifier
+from server.notifier import Notifier, Payload
 from server.settings import ServerSettings
 from server.store.blobs import BlobStore
 from server.tls import (
@@ -85,7 +93,7 @@ def chunk_size(requested: int, settings: ServerSettings) -> int:
     return max(MIN_CHUNK_BYTES, min(chunk, MAX_CHUNK_BYTES, settings.grpc_max_message_bytes - 1024))
 
 
-def credential_from(context: grpc.ServicerContext) -> str:
+def credential_from(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and value.startswith("Bearer "):
             return value[len("Bearer ") :].strip()
@@ -107,34 +115,41 @@ def peer_source(peer: str) -> str:
     return peer  # unix sockets and the like: one key per peer string
 
 
-@contextmanager
-def domain_errors(context: grpc.ServicerContext) -> Iterator[None]:
+@asynccontextmanager
+async def domain_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     try:
         yield
-    except RateLimited as exc:
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except RateLimited as exc:  # also Overloaded: the database pool's queue is full
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                            trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_ms)),))
     except DomainError as exc:
         code = next((c for t, c in _STATUS.items() if isinstance(exc, t)), grpc.StatusCode.INVALID_ARGUMENT)
-        context.abort(code, str(exc))
+        await context.abort(code, str(exc))
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)  # SQLite drops the zone
 
 
 class FleetServicer(pb_grpc.EdgeFleetServicer):
-    def __init__(
-        self, settings: ServerSettings, factory: sessionmaker[Session], blobs: BlobStore, targets_changed: Notifier
-    ) -> None:
+    """Runs on the agent server's event loop (server/grpc_api/aio_server.py builds it)."""
+
+    def __init__(self, settings: ServerSettings, factory: sessionmaker[Session], blobs: BlobStore, *,
+                 targets_changed: Notifier, devices_changed: Notifier, pool: BlockingPool) -> None:
         self.settings = settings
         self.factory = factory
         self.blobs = blobs
         self.targets_changed = targets_changed
+        self.devices_changed = devices_changed
+        self.pool = pool
         # docs/security.md "Abuse limits": per device on authenticated calls, per source
         # address on failed Registers.
         self.device_limits = RateLimiter(settings.device_rate_per_s, settings.device_burst,
                                          max_keys=settings.rate_limit_max_keys)
         self.register_limits = RateLimiter(settings.register_rate_per_s, settings.register_burst,
                                            max_keys=settings.rate_limit_max_keys)
-        # Each open stream holds a handler thread: a cap per device keeps one device from
-        # taking the pool (grpc_max_workers) from the rest of the fleet.
+        # Streams cost no thread any more, but each holds memory and a connection: a cap per
+        # device keeps one device from holding an unbounded number open.
         self.device_streams = StreamLimiter(settings.device_max_streams)
         # Mutual TLS (docs/security.md#mutual-tls): the local CA issues client certificates at
         # Register; every other call must come over the mTLS port (mtls_port, set by the server
@@ -142,18 +157,70 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
         self.mtls = settings.mtls
         self.mtls_port = settings.mtls_port
         self._client_ca = ensure_ca(settings.data_dir)[:2] if self.mtls else None
+        self.credentials = CredentialCache(max_entries=settings.rate_limit_max_keys)
+        self.hub = StreamHub(factory, pool.run, resync_s=4 * settings.watch_keepalive_s)
+        self.hub.on_credentials = self.credentials.sync
+        self.heartbeats = HeartbeatBatcher(factory, settings.heartbeat_flush_s, pool.run)
+        self._unsubscribe: Callable[[], None] | None = None
 
-    def _device(self, session: Session, context: grpc.ServicerContext) -> Device:
-        device = D.authenticate(session, credential_from(context))  # refuses revoked devices
-        if self.mtls:
-            self._check_client_cert(session, device, context)
-        self.device_limits.acquire(device.id, f"device {device.id}")
-        return device
+    # --- lifecycle (on the loop) ---------------------------------------------------------
 
-    def _check_client_cert(self, session: Session, device: Device, context: grpc.ServicerContext) -> None:
+    def start(self) -> None:
+        self.hub.start(self.targets_changed, self.devices_changed)
+        self._unsubscribe = self.devices_changed.subscribe(self._device_changed)
+        self.heartbeats.start()
+
+    async def stop(self) -> None:
+        """End the watch streams (agents reconnect) and write the pending heartbeats."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        await self.hub.stop()
+        await self.heartbeats.stop()
+
+    def _device_changed(self, payload: Payload) -> None:
+        """devices_changed (any thread): the device's cached credentials are dropped at once."""
+        device_id = (payload or {}).get("device_id")
+        if device_id:
+            self.credentials.drop_device(device_id)
+        elif payload is None:  # the bus reconnected: anything may have changed
+            self.credentials.drop_all()
+
+    # --- authentication ------------------------------------------------------------------
+
+    async def _device_id(self, context: grpc.aio.ServicerContext) -> str:
+        """The authenticated, rate-limited device of the call: from the credential cache, or
+        one database check (credential, not revoked, and with mTLS the client certificate)."""
+        credential = credential_from(context)
+        if not credential:
+            raise UnauthenticatedError("missing device credential (metadata 'authorization: Bearer <credential>')")
+        auth = dict(context.auth_context() or {}) if self.mtls else {}
+        pems = auth.get("x509_pem_cert") or []
+        pem = pems[0] if pems else b""
+        key = (D.credential_hash(credential), hashlib.sha256(pem).hexdigest() if pem else "")
+        cached = self.credentials.get(key)
+        if cached is not None and (cached.cert_not_after is None or cached.cert_not_after > utcnow()):
+            device_id = cached.device_id
+        else:
+            epoch = self.credentials.epoch()
+            generation = self.hub.generation
+            device_id, target, not_after = await self.pool.run(self._check, credential, auth)
+            self.credentials.put(key, device_id, not_after, epoch)
+            self.hub.seed(device_id, target, generation)
+        self.device_limits.acquire(device_id, f"device {device_id}")
+        return device_id
+
+    def _check(self, credential: str, auth: dict) -> tuple[str, str, datetime | None]:
+        with transaction(self.factory) as s:
+            device = D.authenticate(s, credential)  # refuses revoked devices
+            not_after = self._check_client_cert(s, device, auth) if self.mtls else None
+            return device.id, device.target_model_hash, not_after
+
+    def _check_client_cert(self, session: Session, device: Device, auth: dict) -> datetime:
         """The peer certificate (verified against the local CA by gRPC on the mTLS port) must be
-        one the server issued to ``device``, unexpired and not revoked; checked on every call."""
-        cert = peer_certificate(dict(context.auth_context() or {}))
+        one the server issued to ``device``, unexpired and not revoked; checked on every call
+        (a cached check holds until the certificate expires or the device changes)."""
+        cert = peer_certificate(auth)
         if cert is None:  # the first port: it never asks for a certificate
             raise UnauthenticatedError(
                 f"this server requires mutual TLS: call port {self.mtls_port} with the client certificate issued "
@@ -164,9 +231,10 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
         if row.revoked_at is not None:
             raise UnauthenticatedError(f"client certificate {row.serial} of device {device.id} was replaced; "
                                        "use the newest one")
-        not_after = row.not_after if row.not_after.tzinfo else row.not_after.replace(tzinfo=utcnow().tzinfo)
+        not_after = _utc(row.not_after)
         if not_after <= utcnow():
             raise UnauthenticatedError(f"client certificate {row.serial} of device {device.id} expired")
+        return not_after
 
     def _csr(self, data: bytes, field: str):  # noqa: ANN202 - x509.CertificateSigningRequest
         if not data:
@@ -184,98 +252,116 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                                             serial=issued.serial, not_after=issued.not_after))
         return issued
 
-    def _stream_slot(self, device_id: str, context: grpc.ServicerContext, what: str) -> Callable[[], None]:
-        """Takes one of the device's stream slots (RateLimited over the cap), released when
-        the RPC ends however it ends (the callback) or when the handler returns (the caller's
-        ``finally``), whichever comes first."""
-        release = self.device_streams.open(device_id, f"device {device_id} {what}")
-        if not context.add_callback(release):
-            release()  # the RPC has already ended
-            context.abort(grpc.StatusCode.CANCELLED, "call ended")
-        return release
+    # --- Register ------------------------------------------------------------------------
 
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
         source = peer_source(context.peer() or "")
-        with domain_errors(context):
+        async with domain_errors(context):
             # Every attempt takes a token and a success gives it back: only failures count,
             # and concurrent guesses cannot all slip in before the first one fails.
             self.register_limits.acquire(source, f"Register from {source}")
             try:
                 csr = self._csr(request.client_csr, "client_csr") if self.mtls else None
-                with transaction(self.factory) as s:
-                    reg = enrollment.register(
-                        s, enrollment_token=request.enrollment_token, hardware_id=request.hardware_id,
-                        name=request.name, tags=list(request.tags), hardware=dict(request.hardware),
-                        agent_version=request.agent_version,
-                    )
-                    resp = pb.RegisterResponse(
-                        device_id=reg.device.id, device_credential=reg.credential,
-                        target_model_hash=reg.device.target_model_hash,
-                        heartbeat_interval_s=self.settings.heartbeat_interval_s,
-                        signing_public_keys=signing.trusted_public_keys(s),  # pinned at enrollment
-                    )
-                    if csr is not None:
-                        # A new credential: the certificates issued with the old one are retired.
-                        s.execute(update(DeviceClientCertificate).where(
-                            DeviceClientCertificate.device_id == reg.device.id,
-                            DeviceClientCertificate.revoked_at.is_(None)).values(revoked_at=utcnow()))
-                        issued = self._issue(s, reg.device.id, csr)
-                        resp.client_certificate, resp.mtls_port = issued.pem, self.mtls_port
+                resp, name = await self.pool.run(self._register, request, csr)
+            except Overloaded:
+                self.register_limits.refund(source)  # not the source's failure
+                raise
             except DomainError as exc:
                 log.warning("Register from %s refused: %s", source, exc)
                 raise
             self.register_limits.refund(source)
-            log.info("registered device %s (%s) from %s", reg.device.id, reg.device.name, source)
+            log.info("registered device %s (%s) from %s", resp.device_id, name, source)
             return resp
 
-    def RenewClientCertificate(self, request: pb.RenewClientCertificateRequest,
-                               context: grpc.ServicerContext) -> pb.RenewClientCertificateResponse:
-        with domain_errors(context):
+    def _register(self, request: pb.RegisterRequest, csr) -> tuple[pb.RegisterResponse, str]:  # noqa: ANN001
+        with transaction(self.factory) as s:
+            reg = enrollment.register(
+                s, enrollment_token=request.enrollment_token, hardware_id=request.hardware_id,
+                name=request.name, tags=list(request.tags), hardware=dict(request.hardware),
+                agent_version=request.agent_version,
+            )
+            resp = pb.RegisterResponse(
+                device_id=reg.device.id, device_credential=reg.credential,
+                target_model_hash=reg.device.target_model_hash,
+                heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                signing_public_keys=signing.trusted_public_keys(s),  # pinned at enrollment
+            )
+            if csr is not None:
+                # A new credential: the certificates issued with the old one are retired.
+                s.execute(update(DeviceClientCertificate).where(
+                    DeviceClientCertificate.device_id == reg.device.id,
+                    DeviceClientCertificate.revoked_at.is_(None)).values(revoked_at=utcnow()))
+                issued = self._issue(s, reg.device.id, csr)
+                resp.client_certificate, resp.mtls_port = issued.pem, self.mtls_port
+            name = reg.device.name
+        # Committed: the old credential (and certificates) are dead here and on other replicas.
+        self.devices_changed.notify({"device_id": resp.device_id})
+        return resp, name
+
+    async def RenewClientCertificate(self, request: pb.RenewClientCertificateRequest,
+                                     context: grpc.aio.ServicerContext) -> pb.RenewClientCertificateResponse:
+        async with domain_errors(context):
             if not self.mtls:
                 raise ConflictError("mutual TLS is off on this server (setting mtls)")
             csr = self._csr(request.csr, "csr")
-            with transaction(self.factory) as s:
-                device = self._device(s, context)  # the credential and the current certificate
-                issued = self._issue(s, device.id, csr)
-            log.info("renewed the client certificate of device %s (serial %s, until %s)", device.id,
+            credential = credential_from(context)
+            auth = dict(context.auth_context() or {})
+
+            def renew() -> tuple[str, IssuedClientCert]:
+                with transaction(self.factory) as s:
+                    # The credential and the current certificate, from the database (never the cache).
+                    device = D.authenticate(s, credential)
+                    self._check_client_cert(s, device, auth)
+                    self.device_limits.acquire(device.id, f"device {device.id}")
+                    return device.id, self._issue(s, device.id, csr)
+
+            device_id, issued = await self.pool.run(renew)
+            log.info("renewed the client certificate of device %s (serial %s, until %s)", device_id,
                      issued.serial, f"{issued.not_after:%Y-%m-%d}")
             return pb.RenewClientCertificateResponse(client_certificate=issued.pem)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        with domain_errors(context), transaction(self.factory) as s:
-            device = self._device(s, context)
+    # --- Heartbeat -----------------------------------------------------------------------
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        async with domain_errors(context):
+            device_id = await self._device_id(context)
             budget = {f: getattr(request.budget, f) for f in ("latency_ms", "memory_mb", "energy_mj")
                       if request.budget.HasField(f)}
-            D.record_heartbeat(
-                s, device, model_hash=request.model_hash, active_subnet=request.active_subnet, budget=budget,
+            report = D.heartbeat_report(
+                model_hash=request.model_hash, active_subnet=request.active_subnet, budget=budget,
                 metrics=dict(request.metrics), state=request.state, last_error=request.last_error,
                 samples_pending=request.samples_pending,
                 rollbacks=[{"model_hash": r.model_hash, "reason": r.reason, "at_ms": r.at_ms}
                            for r in request.rollbacks],
             )
-            target = s.get(ModelVersion, device.target_model_hash) if device.target_model_hash else None
-            accs = (target.metrics or {}).get("subnet_val_accuracy") if target is not None else None
+            current = await self.hub.target(device_id)
+            if current is None:  # revoked or gone, and this process missed the event
+                self.credentials.drop_device(device_id)
+                raise UnauthenticatedError(f"device {device_id} is revoked")
+            await self.heartbeats.record(device_id, report)
+            target, info = current
             return pb.HeartbeatResponse(
-                target_model_hash=device.target_model_hash, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                target_model_hash=target, heartbeat_interval_s=self.settings.heartbeat_interval_s,
                 server_time_unix_ms=int(time.time() * 1000),
-                target_subnet_accuracy=[float(a) for a in accs or []],
+                target_subnet_accuracy=list(info.subnet_accuracy) if info is not None else [],
             )
 
-    def UploadSamples(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadSamplesResponse:
-        with domain_errors(context):
-            with transaction(self.factory) as s:
-                device_id = self._device(s, context).id
-            release = self._stream_slot(device_id, context, "UploadSamples")
+    # --- UploadSamples -------------------------------------------------------------------
+
+    async def UploadSamples(self, request_iterator, context: grpc.aio.ServicerContext) -> pb.UploadSamplesResponse:
+        async with domain_errors(context):
+            device_id = await self._device_id(context)
+            release = self.device_streams.open(device_id, f"device {device_id} UploadSamples")
         try:
-            return self._upload(device_id, request_iterator, context)
+            return await self._upload(device_id, request_iterator, context)
         finally:
             release()
 
-    def _upload(self, device_id: str, request_iterator, context: grpc.ServicerContext) -> pb.UploadSamplesResponse:
-        with domain_errors(context):
+    async def _upload(self, device_id: str, request_iterator, context: grpc.aio.ServicerContext) -> pb.UploadSamplesResponse:
+        async with domain_errors(context):
             samples: list[SampleIn] = []
             total_bytes = 0
-            for msg in request_iterator:
+            async for msg in request_iterator:
                 total_bytes += msg.ByteSize()
                 if total_bytes > self.settings.max_upload_bytes:
                     raise InvalidArgumentError(
@@ -289,11 +375,17 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                 if len(samples) > self.settings.max_samples_per_upload:
                     raise InvalidArgumentError(
                         f"more than {self.settings.max_samples_per_upload} samples in one stream; split the upload")
-            with transaction(self.factory) as s:
-                device = s.get(Device, device_id)
-                result = ingest_samples(s, self.blobs, device, samples, arch=self.settings.arch,
-                                        max_bytes=self.settings.max_sample_bytes,
-                                        value_abs_max=self.settings.sample_value_abs_max)
+
+            def ingest():  # noqa: ANN202
+                with transaction(self.factory) as s:
+                    device = s.get(Device, device_id)
+                    if device is None:
+                        raise UnauthenticatedError(f"device {device_id} no longer exists")
+                    return ingest_samples(s, self.blobs, device, samples, arch=self.settings.arch,
+                                          max_bytes=self.settings.max_sample_bytes,
+                                          value_abs_max=self.settings.sample_value_abs_max)
+
+            result = await self.pool.run(ingest)
             # The transaction has committed: only now is it safe to acknowledge.
             if result.rejected:
                 log.warning("device %s: %d samples rejected (first: %s)", device_id, len(result.rejected),
@@ -303,50 +395,63 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                 rejected=[pb.RejectedSample(sample_id=i, reason=r) for i, r in result.rejected],
             )
 
-    def GetUpdate(self, request: pb.GetUpdateRequest, context: grpc.ServicerContext) -> Iterator[pb.GetUpdateResponse]:
-        with domain_errors(context):
-            with transaction(self.factory) as s:
-                device_id = self._device(s, context).id
-            release = self._stream_slot(device_id, context, "GetUpdate")
+    # --- GetUpdate -----------------------------------------------------------------------
+
+    async def GetUpdate(self, request: pb.GetUpdateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetUpdateResponse]:
+        async with domain_errors(context):
+            device_id = await self._device_id(context)
+            release = self.device_streams.open(device_id, f"device {device_id} GetUpdate")
         try:
-            yield from self._get_update(request, context)
+            async for msg in self._get_update(request, context):
+                yield msg
         finally:
             release()
 
-    def _get_update(self, request: pb.GetUpdateRequest, context: grpc.ServicerContext) -> Iterator[pb.GetUpdateResponse]:
-        with domain_errors(context):
-            with transaction(self.factory) as s:
-                device = D.authenticate(s, credential_from(context))  # rate-limited above; now judge the request
-                check_update_request(request)
-                target = request.target_model_hash or device.target_model_hash
-                if not target:
-                    raise NotFoundError("no model version is assigned to this device yet")
-                get_version(s, target)
-                if request.have_model_hash == target:
-                    # Up to date: an UpdateInfo naming no artefact, then no chunks (never the
-                    # whole model again). Nothing is delivered, so nothing is recorded.
-                    up_to_date = pb.UpdateInfo(target_model_hash=target, final_model_hash=target)
-                else:
-                    up_to_date = None
-                    info, offset = self._plan(s, request, target)
-                    device_id = device.id
-            if up_to_date is not None:
-                yield pb.GetUpdateResponse(info=up_to_date)
-                return
+    def _plan_for(self, request: pb.GetUpdateRequest, credential: str) -> tuple[pb.UpdateInfo | None, int, str]:
+        """(UpdateInfo, offset, device id); UpdateInfo without an artefact when up to date."""
+        with transaction(self.factory) as s:
+            device = D.authenticate(s, credential)  # rate-limited above; now judge the request
+            check_update_request(request)
+            target = request.target_model_hash or device.target_model_hash
+            if not target:
+                raise NotFoundError("no model version is assigned to this device yet")
+            get_version(s, target)
+            if request.have_model_hash == target:
+                # Up to date: an UpdateInfo naming no artefact, then no chunks (never the
+                # whole model again). Nothing is delivered, so nothing is recorded.
+                return pb.UpdateInfo(target_model_hash=target, final_model_hash=target), 0, device.id
+            info, offset = self._plan(s, request, target)
+            return info, offset, device.id
+
+    async def _get_update(self, request: pb.GetUpdateRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetUpdateResponse]:
+        async with domain_errors(context):
+            info, offset, device_id = await self.pool.run(self._plan_for, request, credential_from(context))
             chunk = chunk_size(request.max_chunk_bytes, self.settings)
+        if info is None or not info.artefact_sha256:
+            yield pb.GetUpdateResponse(info=info)
+            return
         yield pb.GetUpdateResponse(info=info)
         sent = 0
+        finished = False
         try:
             pos = offset
-            while pos < info.artefact_size and context.is_active():
-                data = self.blobs.read_range(info.artefact_sha256, pos, chunk)
+            while pos < info.artefact_size:
+                # A download under way is never shed: refusing it now would waste what was sent.
+                data = await self.pool.run(self.blobs.read_range, info.artefact_sha256, pos, chunk, shed=False)
                 if not data:
                     break
                 yield pb.GetUpdateResponse(chunk=pb.Chunk(offset=pos, data=data))
                 pos += len(data)
                 sent += len(data)
+            finished = True
         finally:
-            self._record_delivery(device_id, info, sent, complete=offset + sent >= info.artefact_size)
+            complete = offset + sent >= info.artefact_size
+            if finished:  # recorded before the stream ends: the client sees the end after it
+                await self.pool.run(self._record_delivery, device_id, info, sent, complete, shed=False)
+            else:  # cancelled: record without waiting (nothing awaits a cancelled handler)
+                self.pool.submit(self._record_delivery, device_id, info, sent, complete)
 
     @staticmethod
     def _plan(s: Session, request: pb.GetUpdateRequest, target: str) -> tuple[pb.UpdateInfo, int]:
@@ -387,39 +492,49 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
         except Exception:  # noqa: BLE001 - accounting must never break a download
             log.exception("could not record delivery to %s", device_id)
 
-    def WatchUpdates(self, request: pb.WatchUpdatesRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchUpdatesResponse]:
-        with domain_errors(context):
-            with transaction(self.factory) as s:
-                device_id = self._device(s, context).id
-                check_hash(request.model_hash, "model_hash")
-            release = self._stream_slot(device_id, context, "WatchUpdates")
+    # --- WatchUpdates --------------------------------------------------------------------
+
+    async def WatchUpdates(self, request: pb.WatchUpdatesRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchUpdatesResponse]:
+        async with domain_errors(context):
+            device_id = await self._device_id(context)
+            check_hash(request.model_hash, "model_hash")
+            release = self.device_streams.open(device_id, f"device {device_id} WatchUpdates")
         try:
-            yield from self._watch(device_id, request, context)
+            async for msg in self._watch(device_id, request, context):
+                yield msg
         finally:
             release()
 
-    def _watch(self, device_id: str, request: pb.WatchUpdatesRequest,
-               context: grpc.ServicerContext) -> Iterator[pb.WatchUpdatesResponse]:
-        # A cancelled stream wakes its handler thread at once instead of at the next keepalive.
-        context.add_callback(self.targets_changed.notify)
-        limit = self.settings.watch_max_seconds
+    async def _watch(self, device_id: str, request: pb.WatchUpdatesRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WatchUpdatesResponse]:
+        limit = float(self.settings.watch_max_seconds)
         if request.max_seconds > 0:
             limit = min(limit, request.max_seconds)
         deadline = time.monotonic() + limit
-        last_sent: str | None = None
-        seen = self.targets_changed.generation
-        while context.is_active() and time.monotonic() < deadline:
-            with transaction(self.factory) as s:
-                device = s.get(Device, device_id)
-                if device is None or device.revoked:
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "device revoked")
-                target = device.target_model_hash
-                mv = s.get(ModelVersion, target) if target and target != last_sent else None
-                round_id = (mv.round_id or "") if mv else ""
-            if target != last_sent:
-                yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=False, round_id=round_id)
-                last_sent = target
-            else:
-                yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=True)
-            wait = min(self.settings.watch_keepalive_s, max(0.0, deadline - time.monotonic()))
-            seen = self.targets_changed.wait(seen, wait)
+        stream = self.hub.open(device_id)  # before the read: a publish from here on is pushed
+        try:
+            async with domain_errors(context):
+                current = await self.hub.target(device_id)
+                if current is None:
+                    raise UnauthenticatedError("device revoked")
+            target, info = current
+            stream.last_sent = target
+            yield pb.WatchUpdatesResponse(target_model_hash=target, keepalive=False,
+                                          round_id=info.round_id if info is not None else "")
+            keepalive = self.settings.watch_keepalive_s
+            while (left := deadline - time.monotonic()) > 0:
+                message = await stream.next(min(keepalive, left))
+                if message is None:  # the keepalive timer
+                    if deadline - time.monotonic() > 0:
+                        yield pb.WatchUpdatesResponse(target_model_hash=stream.last_sent or "", keepalive=True)
+                elif message == REVOKED:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "device revoked")
+                elif message == STOPPING:
+                    return
+                elif isinstance(message, Target) and message.model_hash != stream.last_sent:
+                    stream.last_sent = message.model_hash
+                    yield pb.WatchUpdatesResponse(target_model_hash=message.model_hash, keepalive=False,
+                                                  round_id=message.round_id)
+        finally:
+            self.hub.close(stream)  # wakes no one

@@ -51,7 +51,7 @@ from shared.models import build_model, model_hash
 from shared.objectives import FitSettings, Objective, objective_for
 from shared.tensors import clone_state
 
-VALUE_BITS = {"fp32": 32, "fp16": 16, "int8": 8}
+VALUE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "alq": 2}  # alq: AlqParams.avg_bits (docs/alq.md)
 MAX_BUDGET_ATTEMPTS = 3
 StateDict = dict[str, torch.Tensor]
 
@@ -59,7 +59,8 @@ StateDict = dict[str, torch.Tensor]
 class DPUParams(PolicyParams):
     k: float = Field(0.01, gt=0, le=1, description="Updating ratio: share of conv/fc weights shipped (Eq. 5.2).")
     byte_budget: int | None = Field(None, ge=256, description="Ship at most this many bytes per device; overrides k.")
-    value_format: Literal["fp32", "fp16", "int8"] = Field("fp32", description="How changed values are encoded.")
+    value_format: Literal["fp32", "fp16", "int8", "alq"] = Field(
+        "fp32", description="How changed values are encoded (alq: 2-bit multi-bit deltas, docs/alq.md).")
     variant: Literal["dpu", "gcpu", "rpu", "magnitude", "full"] = Field(
         "dpu", description="dpu (Alg. 5.2), gcpu (Alg. 5.1), rpu (random), magnitude (pruning), full.")
     epochs: int = Field(10, ge=1, le=1000, description="Epochs of each of the two DPU steps.")

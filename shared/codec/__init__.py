@@ -34,13 +34,14 @@ from shared.codec.errors import (
     UnsupportedVersionError,
     WrongBaseError,
 )
-from shared.codec.update import VALUE_FORMATS, SparseUpdate, TensorDelta, make_update
+from shared.codec.update import VALUE_FORMATS, AlqParams, SparseUpdate, TensorDelta, make_update
 from shared.codec.wire import DIFF_ENCODING
 
 register_decoder(DIFF_ENCODING, decode_diff, sniff_diff)
 
 __all__ = [
     "DIFF_ENCODING",
+    "AlqParams",
     "VALUE_FORMATS",
     "BadIndicesError",
     "BadMagicError",

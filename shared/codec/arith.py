@@ -17,7 +17,7 @@ import numpy as np
 from shared.codec.dtypes import WireDType
 
 # Value codings of the in-memory and wire form.
-RAW, FP16, INT8 = "raw", "fp16", "int8"
+RAW, FP16, INT8, ALQ = "raw", "fp16", "int8", "alq"
 INT8_MAX = 127  # symmetric range: q in [-127, 127], so -q is always representable
 
 
@@ -45,12 +45,15 @@ def from_acc(acc: np.ndarray, wd: WireDType) -> np.ndarray:
 def dequantise(
     values: np.ndarray, coding: str, scale: np.float32 | None, wd: WireDType
 ) -> np.ndarray:
-    """fp16 deltas widen exactly; int8 deltas become ``float(q) * scale`` (one rounding)."""
+    """fp16 deltas widen exactly; int8 deltas become ``float(q) * scale`` (one rounding); alq
+    deltas are float32 already."""
     acc = acc_dtype(wd)
     if coding == FP16:
         return values.astype(acc)
     if coding == INT8:
         return np.multiply(values.astype(acc), acc.type(scale))
+    if coding == ALQ:  # already float32 sums of ±α (shared.alq.vector.decode_values): exact widening
+        return values.astype(np.float32).astype(acc)
     raise ValueError(f"no dequantisation for value coding {coding!r}")
 
 
@@ -59,7 +62,7 @@ def apply_values(
 ) -> np.ndarray:
     """New storage values for positions whose base storage values are ``base``.
 
-    raw: the values replace the base. fp16/int8: ``from_acc(to_acc(base) + dequant(values))``,
+    raw: the values replace the base. fp16/int8/alq: ``from_acc(to_acc(base) + dequant(values))``,
     except where the coded delta is zero, which keeps the base bits (so -0.0 and NaN payloads
     of untouched weights survive dense layouts).
     """

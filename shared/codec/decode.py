@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from shared.artefacts import MAX_ARTEFACT_BYTES, DecodedArtefact
-from shared.codec.arith import FP16, INT8, RAW
+from shared.codec.arith import ALQ, FP16, INT8, RAW
 from shared.codec.bitio import ByteReader
 from shared.codec.errors import (
     BadTableError,
@@ -41,6 +41,7 @@ from shared.codec.wire import (
     LAYOUT_SPARSE,
     LAYOUTS,
     MAGIC,
+    V_ALQ,
     V_FP16,
     V_RAW,
     VALUE_CODINGS,
@@ -61,7 +62,7 @@ class TensorInfo:
     dtype: str  # shared.tensors.DTYPE_NAMES spelling
     shape: tuple[int, ...]
     layout: str  # "sparse" | "dense"
-    value_coding: str  # "raw" | "fp16" | "int8" | "int8-golomb"
+    value_coding: str  # "raw" | "fp16" | "int8" | "int8-golomb" | "alq"
     index_coding: str | None  # "golomb" | "golomb-complement" | "bitmap" | None (dense)
     nnz: int  # values carried
 
@@ -218,7 +219,7 @@ def _decode_entry(data: memoryview, e: Entry) -> TensorDelta:
         data[sec.offset : sec.offset + sec.stored_len], sec, value_elem_size(e), f"{what} values"
     )
     values = decode_values(raw, e, f"{what} values")
-    coding = RAW if e.value_coding == V_RAW else FP16 if e.value_coding == V_FP16 else INT8
+    coding = {V_RAW: RAW, V_FP16: FP16, V_ALQ: ALQ}.get(e.value_coding, INT8)
     return TensorDelta(e.name, e.wd, e.shape, coding, indices, np.array(values), e.scale)
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import zstandard
 
-from shared.codec.arith import FP16, RAW
+from shared.codec.arith import ALQ, FP16, RAW
 from shared.codec.dtypes import to_storage
-from shared.codec.sections import compress, encode_index, encode_int8_golomb
+from shared.codec.sections import compress, encode_alq, encode_index, encode_int8_golomb
 from shared.codec.update import SparseUpdate, TensorDelta
 from shared.codec.wire import (
     C_NONE,
@@ -25,6 +25,7 @@ from shared.codec.wire import (
     I_GOLOMB_COMPLEMENT,
     LAYOUT_DENSE,
     LAYOUT_SPARSE,
+    V_ALQ,
     V_FP16,
     V_INT8,
     V_INT8_GOLOMB,
@@ -64,6 +65,10 @@ def _value_options(
     if d.coding == FP16:
         sec, stored = _best_section(values.astype("<f2").tobytes(), 2, cctx)
         return [(dict(value_coding=V_FP16, values=sec), stored)]
+    if d.coding == ALQ:
+        assert d.alq is not None
+        sec, stored = _best_section(encode_alq(d.alq), 1, cctx)
+        return [(dict(value_coding=V_ALQ, values=sec, alq_group=d.alq.group), stored)]
     plain, plain_stored = _best_section(values.astype(np.int8).tobytes(), 1, cctx)
     raw, qmin, m = encode_int8_golomb(values)
     golomb = Section(C_NONE, len(raw), len(raw))
@@ -110,7 +115,8 @@ def _encode_delta(
         for idx, idx_stored in _index_options(d, cctx)
         for val, stored in values
     ]
-    if 2 * d.nnz >= d.numel or d.numel <= DENSE_TRY_ELEMENTS:
+    # (alq groups follow the carried values' order, so only the sparse layout carries them)
+    if d.coding != ALQ and (2 * d.nnz >= d.numel or d.numel <= DENSE_TRY_ELEMENTS):
         candidates += [
             (Entry(layout=LAYOUT_DENSE, nnz=d.numel, **common, **val), stored)
             for val, stored in _value_options(d, _dense_values(d, target), cctx)

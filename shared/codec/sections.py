@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 import zstandard
 
+from shared.alq.vector import MAX_BITS as ALQ_MAX_BITS
+from shared.alq.vector import AlqCode, group_sizes
+from shared.alq.vector import decode_values as alq_decode
 from shared.codec.arith import INT8_MAX
 from shared.codec.bitio import pack_bits, unpack_bits
 from shared.codec.errors import (
@@ -26,6 +29,7 @@ from shared.codec.wire import (
     I_BITMAP,
     I_GOLOMB,
     I_GOLOMB_COMPLEMENT,
+    V_ALQ,
     V_FP16,
     V_INT8,
     V_INT8_GOLOMB,
@@ -153,6 +157,9 @@ def max_raw_len(e: Entry, index: bool) -> int:
         return (e.numel + 7) // 8 if e.index_coding == I_BITMAP else 5 * e.numel + 8
     if e.value_coding == V_INT8_GOLOMB:
         return 17 * e.nnz + 8  # m = 1 codes magnitude 127 in 128 bits, plus a sign bit
+    if e.value_coding == V_ALQ:  # widths + 8 fp16 coordinates per group + 8 bits per value
+        groups = -(-e.nnz // max(1, e.alq_group))
+        return (groups + 1) // 2 + 2 * ALQ_MAX_BITS * groups + e.nnz
     return e.nnz * value_elem_size(e)
 
 
@@ -165,9 +172,47 @@ def encode_int8_golomb(q: np.ndarray) -> tuple[bytes, int, int]:
     return pack_bits(bits), qmin, m
 
 
+def encode_alq(code: AlqCode) -> bytes:
+    """The alq value section (docs/diff-format.md §6): width nibbles, fp16 coordinates, sign bits."""
+    w = code.widths.astype(np.uint8)
+    nib = np.zeros(2 * ((len(w) + 1) // 2), dtype=np.uint8)
+    nib[: len(w)] = w
+    widths = (nib[0::2] << 4) | nib[1::2]
+    return widths.tobytes() + code.alphas.astype("<f2").tobytes() + pack_bits(code.signs.astype(np.uint8))
+
+
+def decode_alq(raw: bytes, n: int, group: int, what: str) -> AlqCode:
+    """Parse and check an alq value section of ``n`` values; refuses anything but the one
+    canonical form (widths <= 8, coordinates finite and > 0, exact length, zero padding)."""
+    sizes = group_sizes(n, group)
+    G = len(sizes)
+    head = (G + 1) // 2
+    if len(raw) < head:
+        raise BadValuesError(f"{what}: {len(raw)} bytes cannot hold {G} group widths")
+    nibbles = np.frombuffer(raw[:head], np.uint8)
+    both = np.stack([nibbles >> 4, nibbles & 0x0F], axis=1).reshape(-1)
+    if G % 2 and both[-1]:
+        raise TrailingDataError(f"{what}: the unused last width nibble must be zero")
+    widths = both[:G].astype(np.uint8)
+    if (widths > ALQ_MAX_BITS).any():
+        raise BadValuesError(f"{what}: a group width {int(widths.max())} exceeds {ALQ_MAX_BITS}")
+    n_alpha = int(widths.astype(np.int64).sum())
+    n_bits = int((widths.astype(np.int64) * sizes).sum())
+    expected = head + 2 * n_alpha + (n_bits + 7) // 8
+    if len(raw) != expected:
+        raise BadValuesError(f"{what}: {len(raw)} value bytes, expected {expected} for these widths")
+    alphas = np.frombuffer(raw[head : head + 2 * n_alpha], np.dtype("<f2"))
+    if not (np.isfinite(alphas) & (alphas > 0)).all():
+        raise BadValuesError(f"{what}: alq coordinates must be finite and greater than zero")
+    sign_raw = raw[head + 2 * n_alpha :]
+    bits = unpack_bits(sign_raw)
+    _check_padding(bits, n_bits, sign_raw, what)
+    return AlqCode(n, group, widths, alphas.copy(), bits[:n_bits].astype(bool))
+
+
 def decode_values(raw: bytes, e: Entry, what: str) -> np.ndarray:
     n = e.nnz
-    if e.value_coding in (V_FP16, V_INT8, V_INT8_GOLOMB) and not e.wd.is_float:
+    if e.value_coding in (V_FP16, V_INT8, V_INT8_GOLOMB, V_ALQ) and not e.wd.is_float:
         raise UnknownEncodingError(
             f"{what}: value coding {e.value_coding} needs a float tensor, not {e.wd.name}"
         )
@@ -186,6 +231,8 @@ def decode_values(raw: bytes, e: Entry, what: str) -> np.ndarray:
         if (sign & (mag == 0)).any():
             raise BadValuesError(f"{what}: negative zero is not a canonical int8 value")
         return np.where(sign, -mag, mag).astype(np.int8)
+    if e.value_coding == V_ALQ:
+        return alq_decode(decode_alq(raw, n, e.alq_group, what))
     expected = n * value_elem_size(e)
     if len(raw) != expected:
         raise BadValuesError(f"{what}: {len(raw)} value bytes, expected {expected} for {n} values")

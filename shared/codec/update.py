@@ -13,14 +13,28 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shared.codec.arith import FP16, INT8, INT8_MAX, RAW, apply_values, to_acc
+from shared.alq.vector import AlqCode
+from shared.alq.vector import decode_values as alq_decode
+from shared.alq.vector import encode_values as alq_encode
+from shared.codec.arith import ALQ, FP16, INT8, INT8_MAX, RAW, apply_values, to_acc
 from shared.codec.dtypes import WireDType, bits_view, from_storage, to_storage, wire_dtype
 from shared.models.identity import model_hash
 from shared.models.spec import ArchSpec
 from shared.tensors import StateDict
 
-VALUE_FORMATS = ("fp32", "fp16", "int8")
-_CODING_OF_FORMAT = {"fp32": RAW, "fp16": FP16, "int8": INT8}
+VALUE_FORMATS = ("fp32", "fp16", "int8", "alq")
+_CODING_OF_FORMAT = {"fp32": RAW, "fp16": FP16, "int8": INT8, "alq": ALQ}
+
+
+@dataclass(frozen=True)
+class AlqParams:
+    """The ``alq`` value format's encoder knobs (the decoder needs none of them but the group
+    size, which the diff carries): at most ``avg_bits`` encoded bits per value, groups of
+    ``group`` consecutive values, at most ``max_bits`` bases per group."""
+
+    avg_bits: float = 2.0
+    group: int = 64
+    max_bits: int = 6
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,7 +44,8 @@ class TensorDelta:
     ``indices`` are sorted flat (row-major) positions, or ``None`` for every position (dense).
     ``values`` are per position: replacement element bits (``coding == "raw"``, storage dtype
     of :mod:`shared.codec.dtypes`), float16 deltas (``"fp16"``) or int8 deltas times ``scale``
-    (``"int8"``); a zero delta leaves its weight untouched.
+    (``"int8"``) or float32 sums of ±α (``"alq"``, whose code is ``alq``); a zero delta
+    leaves its weight untouched.
     """
 
     name: str
@@ -40,6 +55,7 @@ class TensorDelta:
     indices: np.ndarray | None
     values: np.ndarray
     scale: np.float32 | None = None
+    alq: AlqCode | None = None
 
     @property
     def numel(self) -> int:
@@ -143,12 +159,23 @@ def _quantised(
     idx: np.ndarray,
     base: np.ndarray,
     target: np.ndarray,
+    alq: AlqParams = AlqParams(),
 ) -> TensorDelta | None:
-    """fp16/int8 delta for the changed positions ``idx``; None when it cannot be quantised."""
+    """fp16/int8/alq delta for the changed positions ``idx``; None when it cannot be quantised."""
     delta = np.subtract(to_acc(target[idx], wd), to_acc(base[idx], wd))
     if not np.isfinite(delta).all():
         return None  # inf/NaN weights are shipped raw
     scale = None
+    if coding == ALQ:
+        code = alq_encode(delta, alq.group, alq.max_bits, alq.avg_bits)
+        if code is None:
+            return None  # a coordinate beyond fp16
+        d = alq_decode(code)
+        if not d.any():  # the budget bought no basis: carry nothing (all stays in the residual)
+            return TensorDelta(name, wd, shape, ALQ, idx[:0], d[:0], None, None)
+        # Every position stays (the groups are fixed by the value order), even one whose
+        # weight the sum leaves unchanged.
+        return TensorDelta(name, wd, shape, ALQ, idx, d, None, code)
     if coding == FP16:
         with np.errstate(over="ignore"):
             q = delta.astype(np.float16)
@@ -172,6 +199,7 @@ def make_update(
     dense_names: set[str] | None = None,
     *,
     arch: ArchSpec,
+    alq: AlqParams | None = None,
 ) -> SparseUpdate:
     """Diff ``target`` against ``base``, two states of the architecture ``arch`` (a diff never
     changes it; both model hashes cover it).
@@ -179,8 +207,8 @@ def make_update(
     Entries bitwise equal in both are not shipped. Tensors in ``dense_names`` or with
     ``dim() <= 1`` (biases, norm layers, BatchNorm counters) and all non-float tensors are
     shipped exactly (raw values) whatever ``value_format``; the others carry fp32 replacement
-    values (exact), or fp16 / int8-with-scale deltas of ``target - base`` (lossy: see
-    :class:`SparseUpdate`).
+    values (exact), or fp16 / int8-with-scale / alq multi-bit deltas of ``target - base``
+    (lossy: see :class:`SparseUpdate`; ``alq`` tunes the last, default :class:`AlqParams`).
     """
     if value_format not in VALUE_FORMATS:
         raise ValueError(f"value_format must be one of {VALUE_FORMATS}, got {value_format!r}")
@@ -198,7 +226,7 @@ def make_update(
         if idx.size == 0:
             continue
         exact = coding == RAW or not wd.is_float or name in dense_names or b_t.dim() <= 1
-        delta = None if exact else _quantised(name, wd, shape, coding, idx, b, t)
+        delta = None if exact else _quantised(name, wd, shape, coding, idx, b, t, alq or AlqParams())
         if delta is None:
             delta = TensorDelta(name, wd, shape, RAW, idx, t[idx])
         if delta.nnz:

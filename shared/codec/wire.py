@@ -39,8 +39,10 @@ MAX_GOLOMB_PARAMETER = 1 << 31
 LAYOUT_SPARSE, LAYOUT_DENSE = 0, 1
 LAYOUTS = {LAYOUT_SPARSE: "sparse", LAYOUT_DENSE: "dense"}
 # value codings
-V_RAW, V_FP16, V_INT8, V_INT8_GOLOMB = 0, 1, 2, 3
-VALUE_CODINGS = {V_RAW: "raw", V_FP16: "fp16", V_INT8: "int8", V_INT8_GOLOMB: "int8-golomb"}
+V_RAW, V_FP16, V_INT8, V_INT8_GOLOMB, V_ALQ = 0, 1, 2, 3, 4
+VALUE_CODINGS = {V_RAW: "raw", V_FP16: "fp16", V_INT8: "int8", V_INT8_GOLOMB: "int8-golomb",
+                 V_ALQ: "alq"}  # fmt: skip
+MAX_ALQ_GROUP = 65535
 # index codings
 I_GOLOMB, I_GOLOMB_COMPLEMENT, I_BITMAP = 0, 1, 2
 INDEX_CODINGS = {I_GOLOMB: "golomb", I_GOLOMB_COMPLEMENT: "golomb-complement", I_BITMAP: "bitmap"}
@@ -76,6 +78,7 @@ class Entry:
     index_coding: int | None = None  # sparse only
     index_m: int = 0  # Golomb parameter of the gaps
     index: Section | None = None
+    alq_group: int = 0  # alq: values per group
 
     @property
     def numel(self) -> int:
@@ -158,6 +161,10 @@ def write_entry(e: Entry) -> bytes:
     if e.value_coding == V_INT8_GOLOMB:
         out.append(e.qmin)
         out += write_varint(e.value_m)
+    if e.value_coding == V_ALQ:
+        if not 1 <= e.alq_group <= MAX_ALQ_GROUP:
+            raise ValueError(f"tensor {e.name!r}: alq group size {e.alq_group} out of range")
+        out += write_varint(e.alq_group)
     _write_section(out, e.values)
     return bytes(out)
 
@@ -217,6 +224,11 @@ def read_entry(r: ByteReader) -> Entry:
     if vc == V_INT8_GOLOMB:
         qmin = r.u8("smallest magnitude")
         value_m = _golomb_parameter(r, "value Golomb parameter")
+    alq_group = 0
+    if vc == V_ALQ:
+        alq_group = r.varint("alq group size", MAX_ALQ_GROUP)
+        if alq_group < 1:
+            raise LimitError(f"{r.what}: alq group size must be at least 1")
     values = _read_section(r, "value section")
     return Entry(
         name,
@@ -232,4 +244,5 @@ def read_entry(r: ByteReader) -> Entry:
         index_coding,
         index_m,
         index,
+        alq_group,
     )

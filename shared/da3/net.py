@@ -157,7 +157,8 @@ class DA3Net(nn.Module):
         self.da3 = DA3Modules(arch, spec)
         self.section = spec
         self.shapes = block_shapes(arch)
-        self.temperature = spec.temperature  # train_domain may override it
+        self.temperature = spec.temperature  # train_domain may override it (and anneal it)
+        self.beta = spec.beta  # Eq. (1)'s beta in training; train_domain may anneal it
         self.dense = False  # evaluate_domain(gated=False): apply the correction everywhere
         self.generator: torch.Generator | None = None  # Gumbel noise in training
         self.densities: list[torch.Tensor] = []  # training: per-block mean of the hard mask
@@ -249,7 +250,7 @@ class DA3Net(nn.Module):
         elif self.training:
             z = self.gate_logits(mod, a)
             noise = gumbel_noise_difference(z.shape, self.generator).to(z.device)
-            m = GumbelGate.apply(z, noise, self.section.beta, self.temperature)
+            m = GumbelGate.apply(z, noise, self.beta, self.temperature)
         else:
             m = (self.gate_logits(mod, a) > 0).to(a.dtype)  # sigmoid(beta z) > 0.5, beta > 0
         if self.training:

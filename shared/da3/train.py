@@ -42,8 +42,15 @@ class DA3TrainConfig:
     batch: int = 32
     temperature: float | None = None  # Eq. (2)-(3)'s T; None: the spec's
     seed: int = 0  # minibatch order and Gumbel noise
-    sparsity_weight: float = 0.0  # DA³: weight of the mean gate density in the loss
+    sparsity_weight: float = 0.0  # DA³: weight of the gate density penalty in the loss
     weight_decay: float = 0.0
+    # DA³ gate schedules (docs/da3.md, "The gate's training"): beta (Eq. 1) and T (Eq. 2-3)
+    # move geometrically from the spec's value to these over the run (None: constant), and
+    # with a density target the penalty is the mean over blocks of max(0, density - target)^2
+    # (None: the mean density itself).
+    beta_final: float | None = None
+    temperature_final: float | None = None
+    density_target: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,6 +61,12 @@ class DA3TrainConfig:
             raise DA3Error(f"temperature must be a positive number, got {self.temperature}")
         if not (math.isfinite(self.sparsity_weight) and self.sparsity_weight >= 0):
             raise DA3Error(f"sparsity_weight must be >= 0, got {self.sparsity_weight}")
+        for name in ("beta_final", "temperature_final"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and 0 < v <= 100):
+                raise DA3Error(f"{name} must lie in (0, 100], got {v}")
+        if self.density_target is not None and not 0 <= self.density_target < 1:
+            raise DA3Error(f"density_target must lie in [0, 1), got {self.density_target}")
         if not 0 <= self.seed < 1 << 63:
             raise DA3Error(f"seed must lie in [0, 2**63), got {self.seed}")
 
@@ -132,6 +145,20 @@ def _check_data(arch: ArchSpec, x: np.ndarray, y: np.ndarray) -> None:
         raise DA3Error(f"labels must lie in [0, {arch.num_classes}), got [{yy.min()}, {yy.max()}]")
 
 
+def geometric_schedule(start: float, end: float | None, step: int, steps: int) -> float:
+    """``start`` at step 0 to ``end`` at the last step, geometrically (``end`` None: constant)."""
+    if end is None or steps <= 1:
+        return start if end is None else end
+    return start * (end / start) ** (min(step, steps - 1) / (steps - 1))
+
+
+def density_penalty(densities: list[torch.Tensor], target: float | None) -> torch.Tensor:
+    """The gate term (before its weight): the mean training-mask density over blocks, or with
+    a target the mean of ``max(0, d_b - target)^2`` (only blocks above the target pay)."""
+    d = torch.stack(densities)
+    return d.mean() if target is None else torch.relu(d - target).square().mean()
+
+
 def train_domain(model: nn.Module, x: np.ndarray, y: np.ndarray, config: DA3TrainConfig,
                  progress: ProgressFn | None = None) -> dict[str, float]:
     """Train ``model`` in place on one domain with ``config.method`` (only its tensors).
@@ -152,7 +179,8 @@ def train_domain(model: nn.Module, x: np.ndarray, y: np.ndarray, config: DA3Trai
         if n in names:
             params.append(p)
     section = section_of(arch)
-    model.temperature = config.temperature if config.temperature is not None else section.temperature
+    t0 = config.temperature if config.temperature is not None else section.temperature
+    model.temperature, model.beta = t0, section.beta
     model.generator = torch.Generator().manual_seed(config.seed)
     counter = SavedTensorsCounter(model)
     y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
@@ -161,14 +189,19 @@ def train_domain(model: nn.Module, x: np.ndarray, y: np.ndarray, config: DA3Trai
     def fetch(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return to_model_input(x[idx]), y_t[idx]
 
+    steps = config.epochs * steps_per_epoch(len(x), config.batch)
+    step = [0]
+
     def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        model.beta = geometric_schedule(section.beta, config.beta_final, step[0], steps)
+        model.temperature = geometric_schedule(t0, config.temperature_final, step[0], steps)
+        step[0] += 1
         with counter.step():
             loss = F.cross_entropy(m(xb), yb)
             if model.densities:
-                mean_density = torch.stack(model.densities).mean()
-                density[0] = float(mean_density.detach())
+                density[0] = float(torch.stack(model.densities).mean().detach())
                 if config.sparsity_weight > 0:
-                    loss = loss + config.sparsity_weight * mean_density
+                    loss = loss + config.sparsity_weight * density_penalty(model.densities, config.density_target)
         return loss
 
     # Piggyback's real-valued mask scores sit 5e-3 above their threshold; they train at a tenth
@@ -178,7 +211,6 @@ def train_domain(model: nn.Module, x: np.ndarray, y: np.ndarray, config: DA3Trai
     rest = [p for n, p in model.named_parameters() if n in names and not n.startswith("da3.scores.")]
     groups = [{"params": rest}] + ([{"params": scores, "lr": config.lr * PIGGYBACK_LR_SCALE}] if scores else [])
     opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * steps_per_epoch(len(x), config.batch)
     start = time.perf_counter()
     try:
         out = run_loop(model, opt, loss_fn, fetch, len(x), batch_size=config.batch, num_steps=steps,
@@ -189,6 +221,7 @@ def train_domain(model: nn.Module, x: np.ndarray, y: np.ndarray, config: DA3Trai
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.generator = None
+        model.beta = section.beta
         model.eval()
     return {
         "train_loss": out.epoch_loss,

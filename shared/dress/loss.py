@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from shared.dress.costs import layer_costs
 from shared.dress.layers import DressError, sparse_layers
 from shared.dress.masks import DressMask
 from shared.dress.sampling import (
@@ -108,8 +109,12 @@ def dress_loss(
     if allocation is None:
         if sparsities is None:
             raise DressError("dress_loss needs sparsities or an allocation")
+        costs = layer_costs(model, x.shape[1:]) if allocation_mode == "latency" else None
         allocation = allocate_sparsity(
-            {k: w.detach() for k, w in backbone_weights(model).items()}, sparsities, allocation_mode
+            {k: w.detach() for k, w in backbone_weights(model).items()},
+            sparsities,
+            allocation_mode,
+            costs=costs,
         )
     elif sparsities is not None and tuple(float(s) for s in sparsities) != allocation.sparsities:
         raise DressError(

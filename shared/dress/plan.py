@@ -33,6 +33,9 @@ class Op:
     bias_shift: torch.Tensor | None = None  # fixed buffer for shift + bias * scale
     count: int = 0  # n_{k,l} of the active subnet
     dense: bool = False  # run the active subnet's layer with a dense kernel (see DressRunner)
+    dense_at: tuple[bool, ...] = (False,)  # that choice per batch bucket of the kernel plan
+    weight: torch.Tensor | None = None  # the active subnet's masked dense weight (dense path)
+    weight_buffer: torch.Tensor | None = None  # its storage, allocated once per layer
     index: torch.Tensor | None = None  # (G, n) view of the table: the active subnet's columns
     value: torch.Tensor | None = None  # (G, n) view of the table: its weights
     offsets: torch.Tensor | None = None  # int32 bag starts 0, n, 2n, ... for embedding_bag

@@ -17,8 +17,9 @@ tables. The kernels are plain torch ops, chosen by measurement on a 1-thread x86
   layer's padded plane; 2x2 max-pooling is two ``torch.maximum`` of strided views.
 
 ``set_subnet`` only takes views of subnet ``k``'s table columns and norm rows: no weight is
-copied, nothing proportional to the weights is allocated. Scratch (padded planes, one im2col
-buffer, one dense-weight buffer) is allocated per batch size and reused; batches above
+copied; only layers that run the dense masked path (chosen by measurement, see
+:mod:`shared.dress.kernels`) hold their masked weight, scattered once per switch. Scratch
+(padded planes, one im2col buffer) is allocated per batch size and reused; batches above
 ``max_batch`` run in chunks so it stays bounded. Not thread-safe: one runner per stream.
 """
 
@@ -30,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.dress.kernels import KernelPlan
 from shared.dress.layers import DressError
 from shared.dress.plan import Op, compile_plan
-from shared.dress.tables import DressTables
+from shared.dress.tables import DressTables, subnet_state_dict
+from shared.models.zoo import build_model
 
 
 @dataclass
@@ -52,11 +55,13 @@ class DressRunner(nn.Module):
     ``x`` is a float ``(B, *spec.input_shape)`` tensor; returns ``(B, num_classes)`` logits equal
     to the dense masked model's (``subnet_state_dict(tables, k)``) within float32 rounding.
 
-    A layer whose active density ``n / N`` exceeds ``dense_above[kind]`` is run densely
-    instead: its masked weight is scattered from the table into one scratch buffer (sized for
-    the largest layer, reused by all) and multiplied with torch's dense conv/matmul. The sparse
-    kernels do ~5-10x fewer multiply-adds per second than the dense ones, so at low sparsity the
-    dense route is faster; the defaults are the measured crossovers (docs/dress.md).
+    Each layer runs either the sparse kernel or a dense masked path: its masked weight,
+    scattered from the table into a per-layer buffer when the subnet is selected, multiplied
+    with torch's dense conv/matmul. ``kernels`` (a :class:`~shared.dress.kernels.KernelPlan`,
+    from :func:`~shared.dress.kernels.choose_kernels` at profile time) picks the path per
+    subnet, layer and batch size by measurement; without one, a layer whose active density
+    ``n / N`` exceeds ``dense_above[kind]`` runs densely (the sparse kernels do ~5-10x fewer
+    multiply-adds per second than the dense ones; the defaults are measured crossovers).
     """
 
     DENSE_ABOVE = {"conv": 0.5, "fc": 0.6}
@@ -68,6 +73,7 @@ class DressRunner(nn.Module):
         *,
         dense_above: dict[str, float] | None = None,
         max_batch: int = 32,
+        kernels: KernelPlan | None = None,
     ) -> None:
         super().__init__()
         for t in tables.tensors.values():
@@ -86,9 +92,36 @@ class DressRunner(nn.Module):
             raise DressError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
         self._scratches: dict[int, _Scratch] = {}
-        self._weight_scratch: torch.Tensor | None = None
+        self.kernels: KernelPlan | None = None
+        self._module: nn.Module | None = None
+        self._module_subnet = -1
+        self._buckets: dict[int, int] = {}  # batch size -> plan bucket
         self.subnet = -1
+        if kernels is not None:
+            self._check_plan(kernels)
+            self.kernels = kernels
         self.set_subnet(subnet)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The conv/fc layers in execution order (the order of a :class:`KernelPlan`)."""
+        return tuple(op.table.name for op in self._ops if op.kind in ("conv", "fc"))
+
+    def _check_plan(self, plan: KernelPlan) -> None:
+        if plan.layers != self.layer_names or plan.num_subnets != self.tables.num_subnets:
+            raise DressError(
+                f"kernel plan covers {plan.num_subnets} subnets of {list(plan.layers)}, the "
+                f"tables have {self.tables.num_subnets} of {list(self.layer_names)}"
+            )
+
+    @torch.no_grad()
+    def set_kernels(self, plan: KernelPlan | None) -> None:
+        """Install a kernel plan (None: the ``dense_above`` thresholds) and re-select the subnet."""
+        if plan is not None:
+            self._check_plan(plan)
+        self.kernels = plan
+        self._buckets = {}
+        self.set_subnet(self.subnet)
 
     @property
     def num_subnets(self) -> int:
@@ -100,15 +133,24 @@ class DressRunner(nn.Module):
         if not 0 <= k < self.tables.num_subnets:
             raise DressError(f"subnet {k} out of range [0, {self.tables.num_subnets})")
         t = self.tables
+        plan = self.kernels
+        li = 0
         for op in self._ops:
             if op.kind not in ("conv", "fc"):
                 continue
             n, g = op.table.counts[k], op.table.rows
             op.count = n
-            op.dense = n > self.dense_above[op.kind] * op.table.row_size
+            if plan is None:
+                op.dense_at = (n > self.dense_above[op.kind] * op.table.row_size,)
+            else:
+                op.dense_at = tuple(per_b[li] for per_b in plan.dense[k])
+            li += 1
             op.index = t.index(op.table.name)[:, :n]
             op.value = t.value(op.table.name)[:, :n]
             op.offsets = torch.arange(0, g * n, n, dtype=torch.int32)
+            op.weight = None
+            if any(op.dense_at):
+                self._materialize(op)
             bias = t.bias(op.table.name)
             if op.norm is None:
                 op.shift = bias  # a view of the table, or None
@@ -122,6 +164,8 @@ class DressRunner(nn.Module):
                     t.norm(op.norm.name, "shift", k), bias, op.scale, out=op.bias_shift
                 )
         self.subnet = k
+        if plan is not None and any(plan.module[k]):
+            self._dense_module()  # masked weights loaded at the switch, not in the forward
 
     def _scratch_for(self, batch: int) -> _Scratch:
         if batch in self._scratches:
@@ -155,16 +199,67 @@ class DressRunner(nn.Module):
         self._scratches[batch] = scratch
         return scratch
 
-    def _masked_weight(self, op: Op) -> torch.Tensor:
-        """The active subnet's dense ``(G, N)`` weight, scattered into the shared scratch."""
-        if self._weight_scratch is None:
-            size = max(t.rows * t.row_size for t in self.tables.layers)
-            self._weight_scratch = torch.empty(size, dtype=self._dtype)
+    def _materialize(self, op: Op) -> None:
+        """Scatter the active subnet's masked ``(G, N)`` weight into the layer's own buffer
+        (at subnet selection, so the dense path costs a forward no more than the dense model)."""
         g, n = op.table.rows, op.table.row_size
+        if op.weight_buffer is None:
+            with torch.inference_mode(False):  # a normal tensor: later switches write it
+                op.weight_buffer = torch.empty(g, n, dtype=self._dtype)
         index, value, _ = op.active()
-        w = self._weight_scratch[: g * n].view(g, n)
+        w = op.weight_buffer
         w.zero_()
-        return w.scatter_(1, index.to(torch.int64), value)
+        op.weight = w.scatter_(1, index.to(torch.int64), value)
+
+    def _masked_weight(self, op: Op) -> torch.Tensor:
+        if op.weight is None:
+            self._materialize(op)
+        assert op.weight is not None
+        return op.weight
+
+    def layer_call(self, k: int, batch: int, layer: int, kernel: str):  # noqa: ANN201
+        """A no-argument callable running layer ``layer`` (index into :attr:`layer_names`) of
+        subnet ``k`` at ``batch`` with ``kernel`` ("sparse" or "dense") on random input, for
+        timing it (:func:`shared.dress.kernels.choose_kernels`)."""
+        if kernel not in ("sparse", "dense"):
+            raise DressError(f"kernel must be 'sparse' or 'dense', got {kernel!r}")
+        dense = kernel == "dense"
+        if not 1 <= batch <= self.max_batch:
+            raise DressError(f"batch must lie in [1, {self.max_batch}], got {batch}")
+        if self.subnet != k:
+            self.set_subnet(k)
+        if layer == -1:  # the whole subnet: this runner's path, or the dense masked module
+            xs = torch.rand(batch, *self.tables.spec.input_shape,
+                            generator=torch.Generator().manual_seed(batch))
+            if dense:
+                module = self._dense_module()
+                return lambda: module(xs)
+            return lambda: self._run(xs, force_layers=True)
+        index = [i for i, op in enumerate(self._ops) if op.kind in ("conv", "fc")][layer]
+        op = self._ops[index]
+        sc = self._scratch_for(batch)
+        gen = torch.Generator().manual_seed(index)
+        if dense:
+            self._masked_weight(op)
+        if op.kind == "conv":
+            c, h, w = op.in_shape
+            p = op.padding
+            plane = sc.planes[index]
+            plane[:, :, p : p + h, p : p + w].copy_(torch.rand(c, batch, h, w, generator=gen))
+            dst = sc.dst.get(index)
+
+            def run() -> None:
+                op.dense = dense
+                self._conv(op, plane, sc.windows[index], sc.cols[index], batch, dst)
+
+            return run
+        x = torch.rand(op.table.row_size, batch, generator=gen)
+
+        def run_fc() -> None:
+            op.dense = dense
+            self._fc(op, x, batch)
+
+        return run_fc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.tables.spec
@@ -172,6 +267,15 @@ class DressRunner(nn.Module):
             raise DressError(f"input must be (B, *{spec.input_shape}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise DressError(f"input must be floating point, got {x.dtype}")
+        plan = self.kernels
+        if plan is not None and len(x) <= self.max_batch:
+            bucket = self._buckets.get(len(x))
+            if bucket is None:
+                bucket = self._buckets[len(x)] = plan.bucket(len(x))
+            module = self._module
+            if module is not None and plan.module[self.subnet][bucket]:
+                with torch.inference_mode():  # the dense model's own cost, nothing added
+                    return module(x.to(self._dtype))
         with torch.inference_mode():
             x = x.to(self._dtype)
             if len(x) <= self.max_batch:
@@ -181,10 +285,29 @@ class DressRunner(nn.Module):
                 [self._run(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
             )
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense_module(self) -> nn.Module:
+        """The active subnet as the dense masked ``nn.Module`` (one module, built once and
+        reloaded at each switch to a subnet whose plan uses it)."""
+        if self._module is None:
+            with torch.inference_mode(False):
+                self._module = build_model(self.tables.spec).eval()
+            self._module_subnet = -1
+        if self._module_subnet != self.subnet:
+            with torch.no_grad():
+                self._module.load_state_dict(subnet_state_dict(self.tables, self.subnet))
+            self._module_subnet = self.subnet
+        return self._module
+
+    def _run(self, x: torch.Tensor, force_layers: bool = False) -> torch.Tensor:
         batch = x.shape[0]
+        bucket = 0 if self.kernels is None else self.kernels.bucket(batch)
+        if not force_layers and self.kernels is not None and self.kernels.module[self.subnet][bucket]:
+            return self._dense_module()(x)
         sc = self._scratch_for(batch)
         ops = self._ops
+        for op in ops:
+            if op.kind in ("conv", "fc"):
+                op.dense = op.dense_at[bucket]
         act: torch.Tensor = x
         if ops[0].kind == "conv":
             c, h, w = ops[0].in_shape
@@ -310,14 +433,19 @@ class DressRunner(nn.Module):
 
         ``tables``: the table tensors (shared by all subnets); ``folded``: buffers for norms
         that also fold a bias; ``scratch``: padded activation planes, the im2col buffer and the
-        dense-path weight buffer; ``transient``: the largest per-op temporaries (output and
+        masked weights of the active subnet's dense-path layers; ``transient``: the largest per-op temporaries (output and
         the index/value copies of the densest subnet, which bound every sparser one).
         """
         item = torch.empty(0, dtype=self._dtype).element_size()
         tables = sum(t.numel() * t.element_size() for t in self.tables.tensors.values())
         folded = sum(op.table.rows * item for op in self._ops if op.bias_shift is not None)
         planes, cols, transient = 0, 0, 0
-        weight = max(t.rows * t.row_size for t in self.tables.layers) * item
+        # Dense-path layers of the active subnet hold their masked weight.
+        weight = sum(
+            op.table.rows * op.table.row_size * item
+            for op in self._ops
+            if op.kind in ("conv", "fc") and any(op.dense_at)
+        )
         for op in self._ops:
             if op.kind == "conv":
                 c, h, w = op.in_shape

@@ -216,11 +216,15 @@ def check_allocation(alloc: Allocation) -> None:
             )
 
 
-ALLOCATION_MODES = ("global", "uniform")
+ALLOCATION_MODES = ("global", "uniform", "latency")
 
 
 def allocate_sparsity(
-    weights: Mapping[str, torch.Tensor], sparsities: Sequence[float], mode: str = "global"
+    weights: Mapping[str, torch.Tensor],
+    sparsities: Sequence[float],
+    mode: str = "global",
+    *,
+    costs: Mapping[str, float] | None = None,
 ) -> Allocation:
     """Layer-wise sparsity from the global magnitude ordering (§3.3.2, Alg. 3.1 line 2/17).
 
@@ -238,6 +242,15 @@ def allocate_sparsity(
     layer equally sparse, as N:M sparsity does) and keeps the same rounding. Not in the thesis:
     global magnitude leaves the cheap-to-store but expensive-to-run early convolutions dense,
     so ``uniform`` trades some accuracy for FLOPs and latency when those matter more.
+
+    ``mode="latency"`` (not in the thesis either) keeps the global ordering but ranks each weight
+    by its magnitude per unit of run-time cost, ``|w| / c_l^beta`` with ``beta = 0.5``:
+    ``costs[l]`` is what one nonzero of layer ``l`` costs per inference (its output positions,
+    i.e. MACs per weight, from :func:`shared.dress.costs.layer_costs`, or a measured time per
+    nonzero). A 28x28 conv weight then has to be ``sqrt(784) = 28`` times larger than an fc
+    weight to survive, so the expensive early convolutions thin out first. With ``beta = 0.5``
+    the key is computed as ``|w|^2 / c_l`` in float64, exact for float32 ``w`` up to one
+    rounding, so the order is as reproducible as the global one.
     """
     if mode not in ALLOCATION_MODES:
         raise DressError(f"unknown allocation mode {mode!r}; expected one of {ALLOCATION_MODES}")
@@ -253,7 +266,11 @@ def allocate_sparsity(
     mags = torch.cat([m.reshape(-1).abs().to(device=device, dtype=torch.float32) for m in mats])
     if not torch.isfinite(mags).all():
         raise DressError("weights contain NaN or infinity; cannot rank them by magnitude")
-    if mode == "global":
+    if mode == "latency":
+        cost_list = _check_costs(names, costs)
+    elif costs is not None:
+        raise DressError(f"costs only apply to allocation mode 'latency', not {mode!r}")
+    if mode in ("global", "latency"):
         order = torch.sort(mags, descending=True, stable=True).indices
         bounds = torch.tensor(
             [g * n for g, n in zip(rows, sizes, strict=True)], device=device
@@ -263,8 +280,11 @@ def allocate_sparsity(
     upper = list(sizes)
     for sk in s:
         target = int(math.floor((1.0 - sk) * total + 0.5))
-        if mode == "global":
+        if mode in ("global", "latency"):
             per_layer = torch.bincount(layer_of_rank[:target], minlength=len(names)).tolist()
+            if mode == "latency":
+                caps = [g * c for g, c in zip(rows, upper, strict=True)]
+                per_layer = _cost_weighted(per_layer, cost_list, caps, target)
         else:
             per_layer = [
                 int(math.floor((1.0 - sk) * g * n + 0.5)) for g, n in zip(rows, sizes, strict=True)
@@ -279,6 +299,50 @@ def allocate_sparsity(
         counts.append(tuple(n))
         upper = list(n)
     return Allocation(s, tuple(names), tuple(rows), tuple(sizes), tuple(counts))
+
+
+def _check_costs(names: list[str], costs: Mapping[str, float] | None) -> list[float]:
+    if costs is None or set(costs) != set(names):
+        raise DressError(
+            f"allocation mode 'latency' needs a cost for each layer {names}, got "
+            f"{None if costs is None else sorted(costs)}"
+        )
+    out = []
+    for name in names:
+        c = costs[name]
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+            raise DressError(f"layer {name!r}: cost must be a positive number, got {c!r}")
+        out.append(float(c))
+    return out
+
+
+def _cost_weighted(
+    per_layer: list[int], costs: list[float], caps: list[int], target: int
+) -> list[int]:
+    """Scale the global-magnitude counts by ``cost^-1/2`` and refit them to ``target``.
+
+    Water-filling: ``c'_l = min(cap_l, lam * c_l / sqrt(cost_l))`` with ``lam`` such that the
+    counts sum to ``target`` (layers at their cap are fixed and the rest re-scaled). Only IEEE
+    double arithmetic and ``sqrt`` (correctly rounded), so every machine gets the same counts.
+    """
+    weights = [c / math.sqrt(k) for c, k in zip(per_layer, costs, strict=True)]
+    capped: set[int] = set()
+    while True:
+        free = [li for li in range(len(weights)) if li not in capped and weights[li] > 0]
+        rest = target - sum(caps[li] for li in capped)
+        mass = sum(weights[li] for li in free)
+        if not free or mass <= 0 or rest <= 0:
+            lam = 0.0
+            break
+        lam = rest / mass
+        over = [li for li in free if lam * weights[li] > caps[li]]
+        if not over:
+            break
+        capped.update(over)
+    return [
+        caps[li] if li in capped else int(math.floor(lam * weights[li] + 0.5))
+        for li in range(len(weights))
+    ]
 
 
 def _round_to_rows(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.dress.costs import layer_costs
 from shared.dress.layers import DressError, SparseLayer, as_rows, sparse_layers
 from shared.dress.masks import NORM_STATE, norm_layers
 from shared.dress.sampling import (
@@ -187,7 +188,8 @@ def build_dress_tables(
         if not w.is_floating_point():
             raise DressError(f"{name}.weight must be floating point, got {w.dtype}")
     if allocation is None:
-        allocation = allocate_sparsity(weights, s, allocation_mode)
+        costs = layer_costs(template, spec.input_shape) if allocation_mode == "latency" else None
+        allocation = allocate_sparsity(weights, s, allocation_mode, costs=costs)
     else:
         _check_allocation_fits(allocation, layers, s)
     tensors: dict[str, torch.Tensor] = {}

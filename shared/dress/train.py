@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.dress.costs import layer_costs
 from shared.dress.layers import DressError
 from shared.dress.loops import TensorData, accuracy_on, cross_entropy, recalibrate_norms, sgd_epochs
 from shared.dress.loss import backbone_weights, dress_loss
@@ -38,7 +39,9 @@ Progress = Callable[[str, int, dict[str, float]], None]  # (stage, epoch, metric
 class DressConfig:
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES["cnn"]
     gamma: float = DEFAULT_GAMMA  # Eq. 3.6 correction factor
-    allocation: str = "global"  # layer-wise sparsity: "global" magnitude (§3.3.2) or "uniform"
+    # layer-wise sparsity: "global" magnitude (§3.3.2, the thesis), "uniform", or "latency"
+    # (global magnitude per unit of FLOP cost; shared.dress.sampling.allocate_sparsity)
+    allocation: str = "global"
     pretrain_epochs: int = 5  # stage 1: dense backbone (0 when the model is already trained)
     epochs: int = 10  # stage 2: DRESS training
     norm_epochs: int = 1  # stage 3: per-subnet norm fine-tuning (0: statistics only)
@@ -199,7 +202,8 @@ def train_dress(
 
     def current_allocation() -> Allocation:
         weights = {k: w.detach() for k, w in backbone_weights(model).items()}
-        return allocate_sparsity(weights, config.sparsities, config.allocation)
+        costs = layer_costs(model, x.shape[1:]) if config.allocation == "latency" else None
+        return allocate_sparsity(weights, config.sparsities, config.allocation, costs=costs)
 
     state = _Stage2(alloc=current_allocation())
     # The thesis does not say which norm statistics stage-2 validation uses. Running statistics

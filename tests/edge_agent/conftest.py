@@ -1,5 +1,5 @@
 """Shared fixtures for the edge agent tests: a small real dataset, tiny real models, and the
-server's real gRPC servicer on a loopback port."""
+server's real (async) gRPC server on a loopback port."""
 
 from __future__ import annotations
 
@@ -44,23 +44,16 @@ def make_state(tiny_arch):
 
 
 class GrpcServer:
-    """The fleet gRPC servicer of a server context on a fresh loopback port."""
+    """The agent gRPC server (AgentGrpcServer) of a server context on a fresh loopback port."""
 
     def __init__(self, ctx) -> None:
-        from concurrent import futures
-
-        import grpc
-
-        from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
-        from server.grpc_api.servicer import FleetServicer
+        from server.grpc_api.aio_server import AgentGrpcServer
+        from tests.server.grpc_fleet import create_enrollment_token, harness_settings
 
         self.ctx = ctx
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_EdgeFleetServicer_to_server(
-            FleetServicer(ctx.settings, ctx.factory, ctx.blobs, ctx.targets_changed), self.server)
+        self.server = AgentGrpcServer(ctx, harness_settings(ctx.settings, {}))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
-        from tests.server.grpc_fleet import create_enrollment_token
 
         self.enrollment_token = create_enrollment_token(ctx)  # what agents of these tests present
 
@@ -78,7 +71,7 @@ class GrpcServer:
             return signing.trusted_public_keys(s)
 
     def stop(self) -> None:
-        self.server.stop(0).wait(5)
+        self.server.stop(0)
 
 
 @pytest.fixture

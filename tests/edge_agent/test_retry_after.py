@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -19,12 +18,12 @@ from edge_agent.daemon import Agent
 from edge_agent.settings import AgentSettings
 from edge_agent.sources import DatasetShardSource
 from protos.edgeloop.v1 import fleet_pb2 as pb
-from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
+from server.grpc_api.aio_server import AgentGrpcServer
 from server.grpc_api.ratelimit import RateLimiter
-from server.grpc_api.servicer import RETRY_AFTER_KEY, FleetServicer
+from server.grpc_api.servicer import RETRY_AFTER_KEY
 from server.settings import ServerSettings
 from shared.models import ArchSpec
-from tests.server.grpc_fleet import create_enrollment_token
+from tests.server.grpc_fleet import create_enrollment_token, harness_settings
 
 ARCH = ArchSpec("mlp", (1, 28, 28), 10, hidden=(16,))
 
@@ -59,15 +58,13 @@ class CountingLimiter(RateLimiter):
 
 @pytest.fixture
 def limited_server(server_ctx):
-    """``start(limiter)``: a FleetServicer with ``limiter`` as its per-device limit on a loopback
-    port; returns its address."""
+    """``start(limiter)``: the agent server with ``limiter`` as its per-device limit on a
+    loopback port; returns its address."""
     servers = []
 
     def start(limiter: RateLimiter) -> str:
-        servicer = FleetServicer(server_ctx.settings, server_ctx.factory, server_ctx.blobs, server_ctx.targets_changed)
-        servicer.device_limits = limiter
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        pb_grpc.add_EdgeFleetServicer_to_server(servicer, server)
+        server = AgentGrpcServer(server_ctx, harness_settings(server_ctx.settings, {}))
+        server.servicer.device_limits = limiter
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -75,7 +72,7 @@ def limited_server(server_ctx):
 
     yield start
     for s in servers:
-        s.stop(0).wait(5)
+        s.stop(0)
 
 
 def test_retry_after_hint_parsing():

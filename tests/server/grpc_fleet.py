@@ -1,12 +1,11 @@
-"""A real gRPC server (FleetServicer on a loopback port) and the request builders the gRPC tests
-share."""
+"""A real gRPC server (the async agent server, AgentGrpcServer, on a loopback port) and the
+request builders the gRPC tests share."""
 
 from __future__ import annotations
 
 import functools
 import tempfile
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -16,7 +15,7 @@ from protos.edgeloop.v1 import fleet_pb2 as pb
 from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server.db.engine import transaction
 from server.domain import enrollment
-from server.grpc_api.servicer import FleetServicer
+from server.grpc_api.aio_server import AgentGrpcServer
 from shared.samples import encode_sample, sample_id
 
 
@@ -30,16 +29,21 @@ def session_tls():
                              hostnames=["localhost", "127.0.0.1", "::1"], cert_days=30)
 
 
+def harness_settings(settings, overrides: dict):
+    """The test servers' settings: heartbeats written before they are answered
+    (``heartbeat_flush_s=0``) so a test may read what a heartbeat stored right after it;
+    tests/server/test_async_server.py covers the batched path (and passes its own value)."""
+    return settings.model_copy(update={"heartbeat_flush_s": 0.0, **overrides})
+
+
 class Fleet:
-    """A running gRPC server (FleetServicer on 127.0.0.1:<free port>) and a client stub, over
+    """A running gRPC server (AgentGrpcServer on 127.0.0.1:<free port>) and a client stub, over
     TLS with :func:`session_tls` as users run it (``tls=False``: plaintext on both sides)."""
 
     def __init__(self, ctx, *, tls: bool = True, **overrides) -> None:
         self.ctx = ctx
-        self.settings = ctx.settings.model_copy(update=overrides) if overrides else ctx.settings
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        pb_grpc.add_EdgeFleetServicer_to_server(
-            FleetServicer(self.settings, ctx.factory, ctx.blobs, ctx.targets_changed), self.server)
+        self.settings = harness_settings(ctx.settings, overrides)
+        self.server = AgentGrpcServer(ctx, self.settings)
         self.tls = session_tls() if tls else None
         if self.tls is None:
             self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -60,8 +64,7 @@ class Fleet:
 
     def close(self) -> None:
         self.channel.close()
-        self.server.stop(0).wait(5)
-        self.ctx.targets_changed.notify()  # wake watch handlers parked on the notifier
+        self.server.stop(0)
 
     @property
     def enrollment_token(self) -> str:

@@ -60,16 +60,17 @@ def test_byte_budget_is_respected(setup) -> None:
     assert out.metrics["k"] < 0.1
 
 
-def test_int8_values_publish_what_the_device_reconstructs_and_carry_the_error(setup) -> None:
+@pytest.mark.parametrize("value_format", ["int8", "alq"])
+def test_quantised_values_publish_what_the_device_reconstructs_and_carry_the_error(setup, value_format) -> None:
     _, base = setup
-    out = _run(setup, k=0.05, value_format="int8")
+    out = _run(setup, k=0.05, value_format=value_format)
     assert out.model is not None
     decoded = codec.decode_diff(out.diff, base, base_arch=ARCH)
     assert decoded.model_hash == model_hash(ARCH, out.model)
     residual = out.state.residual
     assert any(float(r.abs().max()) > 0 for r in residual.values())
     # The next round absorbs the carried error where it ships values.
-    again = _run(setup, state=out.state, k=0.05, value_format="int8")
+    again = _run(setup, state=out.state, k=0.05, value_format=value_format)
     assert again.state.residual is not None
     # fp32 values lose nothing: the residual is shipped and no longer carried.
     assert _run(setup, state=out.state, k=0.05).state.residual is None

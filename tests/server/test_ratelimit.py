@@ -4,8 +4,6 @@ Registers, each refused with RESOURCE_EXHAUSTED and a retry-after-ms hint, chang
 
 from __future__ import annotations
 
-from concurrent import futures
-
 import grpc
 import pytest
 from sqlalchemy import select
@@ -15,7 +13,7 @@ from protos.edgeloop.v1 import fleet_pb2_grpc as pb_grpc
 from server.db.engine import transaction
 from server.db.models import Device
 from server.grpc_api.ratelimit import RateLimited, RateLimiter, StreamLimiter
-from server.grpc_api.servicer import RETRY_AFTER_KEY, FleetServicer, peer_source
+from server.grpc_api.servicer import RETRY_AFTER_KEY, peer_source
 from tests.server.grpc_fleet import md, stream
 
 
@@ -131,11 +129,11 @@ def test_device_limit_off(fleet_factory):
 
 @pytest.fixture
 def dual_stack(server_ctx):
-    """A FleetServicer listening on 127.0.0.1 and [::1]: two source addresses on one host."""
+    """The agent server listening on 127.0.0.1 and [::1]: two source addresses on one host."""
+    from server.grpc_api.aio_server import AgentGrpcServer
+
     settings = server_ctx.settings.model_copy(update=dict(register_rate_per_s=0.01, register_burst=3))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_EdgeFleetServicer_to_server(
-        FleetServicer(settings, server_ctx.factory, server_ctx.blobs, server_ctx.targets_changed), server)
+    server = AgentGrpcServer(server_ctx, settings)
     v4 = server.add_insecure_port("127.0.0.1:0")
     v6 = server.add_insecure_port("[::1]:0")
     server.start()
@@ -143,7 +141,7 @@ def dual_stack(server_ctx):
     yield [pb_grpc.EdgeFleetStub(c) for c in channels]
     for c in channels:
         c.close()
-    server.stop(0).wait(5)
+    server.stop(0)
 
 
 def test_failed_registers_are_limited_per_source(dual_stack, server_ctx):

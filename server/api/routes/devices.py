@@ -95,6 +95,7 @@ def revoke_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> Devi
     restored (idempotent)."""
     device = D.set_revoked(session, device_id, True)
     session.commit()
+    ctx.devices_changed.notify({"device_id": device_id})  # cached credentials dropped, open streams cut
     return device_public(device, ctx.settings)
 
 
@@ -104,4 +105,5 @@ def restore_device(device_id: DeviceId, session: SessionDep, ctx: CtxDep) -> Dev
     a fresh credential; its old credential stays invalid (idempotent)."""
     device = D.set_revoked(session, device_id, False)
     session.commit()
+    ctx.devices_changed.notify({"device_id": device_id})
     return device_public(device, ctx.settings)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 
 from server.api.deps import CtxDep, SessionDep, require_scope
 from server.api.errors import format_errors, responses
@@ -55,7 +55,7 @@ def create_round(body: RoundCreate, response: Response, session: SessionDep, ctx
     rnd = R.create_round(session, method=body.method, cohort=body.cohort.model_dump(), params=params.model_dump(mode="json"),
                          data_scope=body.data_scope)
     session.commit()
-    ctx.rounds_wakeup.notify()
+    ctx.rounds_wakeup.notify({"round_id": rnd.id})
     response.headers["Location"] = f"/api/v1/rounds/{rnd.id}"
     return RoundPublic.model_validate(R.round_report(session, rnd))
 
@@ -77,8 +77,8 @@ def list_rounds(
     limit: LimitParam = DEFAULT_LIMIT,
 ) -> RoundsPublic:
     """Rounds, newest first (without the per-device figures; GET one round for those)."""
-    count = session.scalar(select(func.count()).select_from(Round)) or 0
-    return RoundsPublic(data=[summary(r) for r in R.list_rounds(session, offset=offset, limit=limit)], count=count)
+    return RoundsPublic(data=[summary(r) for r in R.list_rounds(session, offset=offset, limit=limit)],
+                        count=R.count_rounds(session))
 
 
 @router.get("/{round_id}", response_model=RoundPublic, responses=responses(404), dependencies=[require_scope("read")])
