@@ -12,7 +12,7 @@ if [ "$#" -eq 0 ]; then
   .venv/bin/python -m ruff check .
   echo "mypy: $(.venv/bin/python -m mypy --version)"
   .venv/bin/python -m mypy
-  set -- -m "not slow"
+  set -- -m "not slow" --durations=25  # the slowest tests, to keep the suite near 15 min
 fi
 set +e
 .venv/bin/python -m pytest -q "$@"

@@ -63,6 +63,8 @@ _STATUS = {
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED (docs/protocol.md)
+PLAN_CACHE_S = 5.0  # how long a GetUpdate plan is reused for other devices (FleetServicer._cached_plan)
+PLAN_CACHE_MAX = 1024  # distinct (have, target) pairs held at most
 MIN_CHUNK_BYTES = 1 << 10  # a smaller max_chunk_bytes is raised to this (docs/protocol.md)
 MAX_CHUNK_BYTES = 4 << 20  # and a larger one lowered to this (and below the message limit)
 _HASH = re.compile(r"[0-9a-f]{64}")  # model hashes and artefact SHA-256s: lowercase hex
@@ -162,6 +164,8 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
         self.hub.on_credentials = self.credentials.sync
         self.heartbeats = HeartbeatBatcher(factory, settings.heartbeat_flush_s, pool.run)
         self._unsubscribe: Callable[[], None] | None = None
+        self._plans: dict[tuple[str, str], tuple[float, pb.UpdateInfo]] = {}  # (have, target) -> plan
+        self._unsubscribe_plans = targets_changed.subscribe(lambda _payload: self._plans.clear())
 
     # --- lifecycle (on the loop) ---------------------------------------------------------
 
@@ -175,6 +179,7 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._unsubscribe_plans()
         await self.hub.stop()
         await self.heartbeats.stop()
 
@@ -403,10 +408,25 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
             device_id = await self._device_id(context)
             release = self.device_streams.open(device_id, f"device {device_id} GetUpdate")
         try:
-            async for msg in self._get_update(request, context):
+            async for msg in self._get_update(request, context, device_id):
                 yield msg
         finally:
             release()
+
+    def _cached_plan(self, request: pb.GetUpdateRequest, target: str) -> tuple[pb.UpdateInfo, int] | None:
+        """A plan computed for the same (have, target) less than PLAN_CACHE_S ago: a round's
+        fan-out asks the same question once per device. Cleared on every targets event (a new
+        version may offer a cheaper path); a signature added meanwhile shows at expiry."""
+        hit = self._plans.get((request.have_model_hash, target))
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        info = pb.UpdateInfo()
+        info.CopyFrom(hit[1])
+        offset = 0 if request.artefact_sha256 and request.artefact_sha256 != info.artefact_sha256 else request.offset
+        if offset > info.artefact_size:
+            raise InvalidArgumentError(f"offset {offset} outside [0, {info.artefact_size}]")
+        info.offset = offset
+        return info, offset
 
     def _plan_for(self, request: pb.GetUpdateRequest, credential: str) -> tuple[pb.UpdateInfo | None, int, str]:
         """(UpdateInfo, offset, device id); UpdateInfo without an artefact when up to date."""
@@ -422,12 +442,24 @@ class FleetServicer(pb_grpc.EdgeFleetServicer):
                 # whole model again). Nothing is delivered, so nothing is recorded.
                 return pb.UpdateInfo(target_model_hash=target, final_model_hash=target), 0, device.id
             info, offset = self._plan(s, request, target)
+            shared = pb.UpdateInfo()
+            shared.CopyFrom(info)
+            if len(self._plans) >= PLAN_CACHE_MAX:  # bounded: have hashes come from clients
+                self._plans.clear()
+            self._plans[(request.have_model_hash, target)] = (time.monotonic() + PLAN_CACHE_S, shared)
             return info, offset, device.id
 
-    async def _get_update(self, request: pb.GetUpdateRequest,
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetUpdateResponse]:
+    async def _get_update(self, request: pb.GetUpdateRequest, context: grpc.aio.ServicerContext,
+                          device_id: str) -> AsyncIterator[pb.GetUpdateResponse]:
         async with domain_errors(context):
-            info, offset, device_id = await self.pool.run(self._plan_for, request, credential_from(context))
+            check_update_request(request)
+            current = await self.hub.target(device_id)  # memory, like Heartbeat
+            target = request.target_model_hash or (current[0] if current else "")
+            cached = self._cached_plan(request, target) if current is not None and target else None
+            if cached is not None:
+                info, offset = cached
+            else:  # the database path: also judges revocation, unknown targets, unsigned artefacts
+                info, offset, device_id = await self.pool.run(self._plan_for, request, credential_from(context))
             chunk = chunk_size(request.max_chunk_bytes, self.settings)
         if info is None or not info.artefact_sha256:
             yield pb.GetUpdateResponse(info=info)

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.training.full import FullParams
+from server.training.full import FullParams, finish_full, prepare_full
 from server.training.policy import RoundInputs, RoundOutcome, UpdatePolicy, loss_bound
 from shared.loop import LossBound, Validation, bound_loss, cross_entropy, run_loop, steps_per_epoch
-from shared.models import ArchSpec, build_model, init_weights_from_seed
+from shared.models import ArchSpec, build_model
 from shared.objectives import objective_for
 from shared.tensors import to_model_input
 from shared.training import accuracy
@@ -78,21 +78,11 @@ def nproc_for(settings: Any, policy: UpdatePolicy, inputs: RoundInputs) -> int:
 
 def train_full_distributed(inputs: RoundInputs, *, nproc: int, jobs_dir: Path, torchrun_args: str = "") -> RoundOutcome:
     """``FullRetrainPolicy.train`` with the fit done by ``nproc`` DDP ranks (module docstring)."""
+    start = prepare_full(inputs)
+    if isinstance(start, RoundOutcome):
+        return start
     p: FullParams = inputs.params
-    data = inputs.data
-    if data.total < p.min_labelled:
-        return RoundOutcome(None, {"labelled_samples": data.total},
-                            skip_reason=f"only {data.total} labelled samples (min_labelled={p.min_labelled})")
-    objective = objective_for(inputs.arch)
-    has_val = len(data.y_val) > 0
-    model = build_model(inputs.arch)
-    base_acc = None
-    if inputs.base_state is not None:
-        model.load_state_dict(inputs.base_state)
-        if has_val and not objective.needs_full_fit(inputs.base_state):
-            base_acc = objective.evaluate(model, data).val_accuracy
-    if p.from_scratch or inputs.base_state is None:
-        init_weights_from_seed(model, p.seed)
+    data, model = inputs.data, start.model
     bound = loss_bound(inputs.arch, p)
     job = jobs_dir / f"job-{uuid.uuid4().hex[:12]}"
     job.mkdir(parents=True)
@@ -107,18 +97,7 @@ def train_full_distributed(inputs: RoundInputs, *, nproc: int, jobs_dir: Path, t
         model.load_state_dict(load_file(str(job / "result.safetensors")))
     finally:
         shutil.rmtree(job, ignore_errors=True)
-    metrics: dict[str, Any] = {"labelled_samples": data.total, "train_samples": len(data.y_train),
-                               "val_samples": len(data.y_val), "base_val_accuracy": base_acc, **fit}
-    val_acc = None
-    if has_val:
-        evaluation = objective.evaluate(model, data)
-        val_acc = evaluation.val_accuracy
-        metrics.update(evaluation.details)
-    metrics["val_accuracy"] = val_acc
-    if p.skip_if_worse and base_acc is not None and val_acc is not None and val_acc <= base_acc:
-        return RoundOutcome(None, metrics, skip_reason=(
-            f"validation accuracy {val_acc:.4f} does not beat the deployed model's {base_acc:.4f}"))
-    return RoundOutcome(model.state_dict(), metrics, reinit_seed=p.seed if p.from_scratch else None)
+    return finish_full(inputs, start, fit)
 
 
 def torchrun_command(job: Path, nproc: int, torchrun_args: str = "") -> list[str]:

@@ -128,8 +128,15 @@ def test_a_download_past_the_data_dir_budget_is_refused_and_reported(server, ser
     agent.start()
     try:
         wait_until(lambda: "max_data_dir_bytes" in agent.conn.last_error, 30, "the refusal")
-        status = agent.status()
-        assert status["update_state"] == "failed" and "max_data_dir_bytes=131072" in status["update"]["reason"]
+
+        # The agent retries the update later (a budget may grow), so /status may show the next
+        # attempt: wait for a state that reports the refusal, not for one instant.
+        def refused() -> bool:
+            status = agent.status()
+            return (status["update_state"] == "failed"
+                    and "max_data_dir_bytes=131072" in (status["update"] or {}).get("reason", ""))
+
+        wait_until(refused, 30, "/status to report the refusal")
         assert agent.fetcher.stats.bytes_downloaded == 0 and not agent.runner.ready
         assert list((tmp_path / "agent" / "downloads").iterdir()) == []
     finally:

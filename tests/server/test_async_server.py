@@ -291,3 +291,37 @@ def test_a_full_database_queue_answers_resource_exhausted_with_a_hint(start, ser
         gate.set()
     token = create_enrollment_token(server_ctx)
     assert srv.stub.Register(pb.RegisterRequest(enrollment_token=token, hardware_id="new"), timeout=10).device_id
+
+
+# --- GetUpdate: one plan per (have, target) for the whole fan-out -------------------------------
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_devices_asking_for_the_same_update_share_one_plan(start, server_ctx):
+    srv = start()
+    fleet = devices(server_ctx, 6)
+    sql = Statements(server_ctx.engine)
+    try:
+        def download(cred: str) -> list[pb.GetUpdateResponse]:
+            return list(srv.stub.GetUpdate(pb.GetUpdateRequest(), metadata=md(cred), timeout=30))
+
+        first = download(fleet[0][1])
+        planned = sql.count("from artefacts")
+        assert planned >= 1  # the first device's plan reads the artefacts
+        sql.reset()
+        rest = [download(cred) for _, cred in fleet[1:]]
+        # The other five get the same bytes and signatures without planning again.
+        assert sql.count("from artefacts") == 0, sql.seen
+        for msgs in rest:
+            assert msgs[0].info == first[0].info
+            assert b"".join(m.chunk.data for m in msgs[1:]) == b"".join(m.chunk.data for m in first[1:])
+        # A publish may offer a cheaper path: the next device plans afresh.
+        server_ctx.targets_changed.notify({"round_id": None, "device_ids": None})
+        download(fleet[0][1])
+        assert sql.count("from artefacts") >= 1
+        # A resume of a cached plan honours its offset.
+        info = first[0].info
+        resumed = list(srv.stub.GetUpdate(pb.GetUpdateRequest(artefact_sha256=info.artefact_sha256, offset=5),
+                                          metadata=md(fleet[1][1]), timeout=30))
+        assert resumed[0].info.offset == 5 and resumed[1].chunk.offset == 5
+    finally:
+        sql.close()
