@@ -83,7 +83,7 @@ def test_a_two_rank_ddp_round_matches_the_single_process_round(ctx):
 @pytest.mark.parametrize("ctx", [200], indirect=True)
 @pytest.mark.slow  # torchrun starts in ~15 s on this host: kept out of the 15-min CI suite
 def test_a_small_two_rank_round_publishes_through_the_worker(ctx):
-    """The suite's quick check of the torchrun path (the comparison above is in the slow suite)."""
+    """A quick check of the torchrun path through the worker (the comparison is the test above)."""
     rnd, mv, kinds = _round(ctx, 2, {**PARAMS, "epochs": 1})
     assert rnd.metrics["world_size"] == 2 and rnd.metrics["shard_samples"] == rnd.metrics["train_samples"] // 2
     assert mv.method == "full" and kinds == ["model/safetensors-v1"]
