@@ -94,7 +94,9 @@ def _sign_with(key: Ed25519PrivateKey, claim: str | None = None):
 def test_tampered_and_wrongly_signed_artefacts_are_refused_by_a_live_agent(
     start_server, start_agent, agent_http, wait_until, free_port, tmp_path
 ) -> None:
-    server = start_server(EDGELOOP_HEARTBEAT_INTERVAL_S="0.5")
+    # The attacker writes the database behind the server's back (no event reaches the server),
+    # so only the agent server's periodic re-read (every 4 x keepalive) retargets the agent.
+    server = start_server(EDGELOOP_HEARTBEAT_INTERVAL_S="0.5", EDGELOOP_WATCH_KEEPALIVE_S="1")
     status_port = free_port
     # Probation needs more labels than the agent will have: the control commits unjudged.
     agent = start_agent(server, "signed-0", samples=SAMPLES, status_port=status_port,

@@ -167,7 +167,10 @@ def test_a_publish_is_one_batched_read_pushed_to_every_stream_once(start, server
 
         # An event that changes nothing pushes nothing; a change only the named devices see
         # reaches exactly their streams, and nothing else was queued before it.
+        before = srv.grpc.servicer.hub.refreshes
         server_ctx.targets_changed.notify({"round_id": None, "device_ids": None})
+        _settle(srv, lambda sv: sv.hub.refreshes > before and sv.hub._idle.is_set(),
+                "the no-op event's refresh to finish", wait_until)
         named = [device_id for device_id, _ in fleet[10:20]]
         with transaction(server_ctx.factory) as s:
             for d in s.scalars(select(Device).where(Device.id.in_(named))):
